@@ -1,0 +1,146 @@
+"""Avro single-object encoding of our records, with schema evolution.
+
+Wire format (the Avro spec's single-object encoding, no registry needed)::
+
+    0xC3 0x01 | 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema | Avro body
+
+Every ``.avsc`` in ``schemas/`` is the current (reader) version of its record; older
+versions live in ``schemas/history/``. A reader decodes bytes written with any version it
+knows: the fingerprint picks the writer schema, Avro resolution maps it onto the current one
+(new fields take their defaults). A fingerprint we do not know is :class:`UnknownSchema`;
+bytes that do not decode are :class:`MalformedRecord`. Both are dead-letter material.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from sagalog.errors import ConfigError, MalformedRecord, UnknownSchema
+from sagalog.records import EVENT_TYPES, TOP_LEVEL, Frozen, SagaLogRecord
+
+MAGIC = b"\xc3\x01"
+HEADER_LEN = 10
+#: Larger messages are refused both ways: Kafka's default max.message.bytes is about 1 MB.
+DEFAULT_MAX_BYTES = 1_000_000
+SCHEMAS_ENV = "SAGA_SCHEMAS_DIR"
+
+
+def schemas_dir() -> Path:
+    """``schemas/`` at the project root (or ``$SAGA_SCHEMAS_DIR``)."""
+    override = os.environ.get(SCHEMAS_ENV)
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "schemas"
+
+
+def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
+    """The 8 header bytes for a parsed schema: CRC-64-AVRO of its canonical form, little-endian."""
+    return int(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"), 16).to_bytes(8, "little")
+
+
+class Codec:
+    """Encodes our pydantic records to single-object Avro and back.
+
+    Build one per process and share it: schemas are parsed once.
+    """
+
+    def __init__(self, directory: Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.directory = directory or schemas_dir()
+        self.max_bytes = max_bytes
+        self._current: dict[str, tuple[bytes, Any]] = {}  # avro name -> (fingerprint, schema)
+        self._writers: dict[bytes, tuple[str, Any]] = {}  # fingerprint -> (avro name, writer schema)
+        if not self.directory.is_dir():
+            raise ConfigError(f"schema directory {self.directory} not found; set {SCHEMAS_ENV}")
+        for path in sorted(self.directory.glob("*.avsc")):
+            name, fp, parsed = self._load(path)
+            self._current[name] = (fp, parsed)
+            self._writers[fp] = (name, parsed)
+        for path in sorted(self.directory.glob("history/*.avsc")):
+            name, fp, parsed = self._load(path)
+            self._writers.setdefault(fp, (name, parsed))
+        missing = {cls.AVRO_NAME for cls in TOP_LEVEL} - set(self._current)
+        if missing:
+            raise ConfigError(f"schemas missing from {self.directory}: {sorted(missing)}")
+        self._models = {cls.AVRO_NAME: cls for cls in TOP_LEVEL}
+
+    @staticmethod
+    def _load(path: Path) -> tuple[str, bytes, Any]:
+        try:
+            raw = json.loads(path.read_text())
+            parsed = fastavro.parse_schema(raw, _force=True)
+        except (ValueError, fastavro.schema.SchemaParseException) as err:
+            raise ConfigError(f"{path}: not a valid Avro schema: {err}") from err
+        return parsed["name"], schema_fingerprint(raw), parsed
+
+    @cached_property
+    def fingerprints(self) -> dict[str, bytes]:
+        """Current fingerprint of each record, by Avro name (for tests and other languages)."""
+        return {name: fp for name, (fp, _) in self._current.items()}
+
+    def known_writer_versions(self, name: str) -> int:
+        return sum(1 for n, _ in self._writers.values() if n == name)
+
+    # --- encode ---------------------------------------------------------------------------
+
+    def encode(self, record: Frozen) -> bytes:
+        fp, schema = self._current[record.AVRO_NAME]
+        out = io.BytesIO()
+        out.write(MAGIC)
+        out.write(fp)
+        fastavro.schemaless_writer(out, schema, _to_avro(record))
+        data = out.getvalue()
+        if len(data) > self.max_bytes:
+            raise MalformedRecord(
+                f"{record.AVRO_NAME} of {len(data)} bytes exceeds the {self.max_bytes}-byte limit; "
+                "keep saga payloads and step outputs small (store large data elsewhere, pass a reference)"
+            )
+        return data
+
+    # --- decode ---------------------------------------------------------------------------
+
+    def decode(self, data: bytes | None) -> Frozen:
+        """Decode any of our records; raises :class:`DecodeError` subclasses, never anything else."""
+        if data is None:
+            raise MalformedRecord("empty message (tombstone) where a record was expected")
+        if len(data) > self.max_bytes:
+            raise MalformedRecord(f"message of {len(data)} bytes exceeds the {self.max_bytes}-byte limit")
+        if len(data) < HEADER_LEN or data[:2] != MAGIC:
+            raise MalformedRecord("not Avro single-object encoded (missing 0xC3 0x01 header)")
+        fp = bytes(data[2:HEADER_LEN])
+        known = self._writers.get(fp)
+        if known is None:
+            raise UnknownSchema(f"unknown schema fingerprint {fp.hex()} (written by a newer or foreign schema?)")
+        name, writer = known
+        reader = self._current[name][1]
+        body = io.BytesIO(data)
+        body.seek(HEADER_LEN)
+        try:
+            datum = fastavro.schemaless_reader(body, writer, reader, return_record_name=True)
+            if body.tell() != len(data):
+                raise MalformedRecord(f"{len(data) - body.tell()} trailing bytes after a {name}")
+            return _from_avro(self._models[name], datum)
+        except MalformedRecord:
+            raise
+        except Exception as err:  # fastavro raises many types (EOFError, ValueError, ...) on garbage
+            raise MalformedRecord(f"corrupt {name}: {type(err).__name__}: {err}") from err
+
+
+def _to_avro(record: Frozen) -> dict[str, Any]:
+    datum = record.model_dump()
+    if isinstance(record, SagaLogRecord):
+        # Unions of records are written as (name, datum) so fastavro need not guess the branch.
+        datum["event"] = (record.event.AVRO_NAME, datum["event"])
+    return datum
+
+
+def _from_avro(model: type[Frozen], datum: dict[str, Any]) -> Frozen:
+    if model is SagaLogRecord:
+        name, event = datum["event"]
+        datum["event"] = EVENT_TYPES[name].model_validate(event)
+    return model.model_validate(datum)

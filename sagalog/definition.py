@@ -1,0 +1,218 @@
+"""Saga definitions: the steps of a saga type, who does each, timeouts, retries, dependencies.
+
+Definitions are loaded from YAML/JSON files (or built in Python) and validated by pydantic;
+an error names the file, line and field. A saga is pinned to the definition it began with:
+the definition's canonical JSON is stored in every snapshot on the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sagalog.errors import ConfigError
+
+NAME = r"^[A-Za-z0-9_.-]+$"
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with deterministic jitter (a pure function of saga, step and attempt)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    attempts: int = Field(default=3, ge=1, description="Tries in all; compensations ignore it and retry forever.")
+    backoff_initial_s: float = Field(default=0.1, ge=0)
+    backoff_max_s: float = Field(default=5.0, ge=0)
+    backoff_multiplier: float = Field(default=2.0, ge=1)
+    jitter: float = Field(default=0.2, ge=0, le=1, description="Up to this fraction of the delay is randomised.")
+
+    def delay_ms(self, attempt: int, seed: str) -> int:
+        """Delay before ``attempt`` (2, 3, ...). Deterministic so that decisions stay pure."""
+        base = min(self.backoff_max_s, self.backoff_initial_s * self.backoff_multiplier ** max(0, attempt - 2))
+        digest = hashlib.blake2b(f"{seed}/{attempt}".encode(), digest_size=8).digest()
+        fraction = int.from_bytes(digest, "big") / 2**64
+        return int(1000 * base * (1 - self.jitter * fraction))
+
+
+class StepDefinition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=NAME)
+    participant: str = Field(pattern=NAME, description="Commands go to <prefix>.commands.<participant>.")
+    compensable: bool = True
+    timeout_s: float = Field(default=5.0, gt=0, description="Per attempt, execute and compensate alike.")
+    retry: RetryPolicy = RetryPolicy()
+    depends_on: tuple[str, ...] | None = Field(
+        default=None, description="Steps that must succeed first; omitted = the previous step (sequential)."
+    )
+
+
+class SagaDefinition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(pattern=NAME)
+    version: int = Field(default=1, ge=1)
+    steps: tuple[StepDefinition, ...] = Field(min_length=1)
+    compensation_retry: RetryPolicy = RetryPolicy(backoff_initial_s=0.2, backoff_max_s=30.0)
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> SagaDefinition:
+        names = [s.name for s in self.steps]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"step names must be unique, repeated: {sorted(dupes)}")
+        for step in self.steps:
+            for dep in step.depends_on or ():
+                if dep not in names:
+                    raise ValueError(f"step {step.name!r} depends on unknown step {dep!r}")
+                if dep == step.name:
+                    raise ValueError(f"step {step.name!r} depends on itself")
+        self._topological_order()  # raises on a cycle
+        return self
+
+    def dependencies(self, step: str) -> tuple[str, ...]:
+        return self._deps[step]
+
+    @cached_property
+    def _deps(self) -> dict[str, tuple[str, ...]]:
+        deps: dict[str, tuple[str, ...]] = {}
+        previous: str | None = None
+        for step in self.steps:
+            deps[step.name] = step.depends_on if step.depends_on is not None else ((previous,) if previous else ())
+            previous = step.name
+        return deps
+
+    @cached_property
+    def dependents(self) -> dict[str, tuple[str, ...]]:
+        """step -> the steps that depend on it (compensation waits for those)."""
+        out: dict[str, list[str]] = {s.name: [] for s in self.steps}
+        for name, deps in self._deps.items():
+            for dep in deps:
+                out[dep].append(name)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def by_name(self) -> dict[str, StepDefinition]:
+        return {s.name: s for s in self.steps}
+
+    def _topological_order(self) -> list[str]:
+        deps = {s.name: list(self._deps[s.name]) for s in self.steps}
+        order: list[str] = []
+        while deps:
+            ready = [n for n, d in deps.items() if all(x in order for x in d)]
+            if not ready:
+                raise ValueError(f"steps form a cycle: {sorted(deps)}")
+            order.extend(ready)
+            for n in ready:
+                del deps[n]
+        return order
+
+    @cached_property
+    def canonical_json(self) -> str:
+        """The pinned form written to the log: stable key order, no whitespace."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+@lru_cache(maxsize=1024)
+def definition_from_json(text: str) -> SagaDefinition:
+    """Parse a pinned definition from a snapshot (cached: many sagas share one definition)."""
+    return SagaDefinition.model_validate_json(text)
+
+
+class DefinitionSet:
+    """The saga types a manager can start, by name (the newest version of each)."""
+
+    def __init__(self, definitions: Iterable[SagaDefinition] = ()) -> None:
+        self._by_name: dict[str, SagaDefinition] = {}
+        for d in definitions:
+            self.add(d)
+
+    def add(self, definition: SagaDefinition) -> None:
+        current = self._by_name.get(definition.name)
+        if current is not None and current.version == definition.version and current != definition:
+            raise ConfigError(
+                f"saga type {definition.name!r} version {definition.version} is defined twice, differently; "
+                "bump 'version' when you change a definition"
+            )
+        if current is None or definition.version >= current.version:
+            self._by_name[definition.name] = definition
+
+    def get(self, name: str) -> SagaDefinition | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def participants(self) -> list[str]:
+        return sorted({s.participant for d in self._by_name.values() for s in d.steps})
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    @classmethod
+    def load(cls, paths: Sequence[str | Path]) -> DefinitionSet:
+        """Load every ``.yaml``/``.yml``/``.json`` file named, or found in named directories."""
+        out = cls()
+        files: list[Path] = []
+        for p in map(Path, paths):
+            if p.is_dir():
+                files.extend(sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml", ".json")))
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise ConfigError(f"definitions path {p} does not exist; pass a file or a directory")
+        for f in files:
+            for d in load_file(f):
+                out.add(d)
+        if not out:
+            raise ConfigError(f"no saga definitions found in {', '.join(map(str, paths))}")
+        return out
+
+
+def load_file(path: Path) -> list[SagaDefinition]:
+    """A file holds one definition, a list of them, or ``{sagas: [...]}``."""
+    text = path.read_text()
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from err
+    items, base = (data["sagas"], ("sagas",)) if isinstance(data, dict) and "sagas" in data else (data, ())
+    if isinstance(items, dict):
+        items, single = [items], True
+    else:
+        single = False
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: expected a saga definition (a mapping) or a list of them")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(SagaDefinition.model_validate(item))
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = base + (() if single else (i,)) + tuple(first["loc"])
+            line = _line_of(node, loc)
+            field = ".".join(map(str, first["loc"])) or "(definition)"
+            where = f"{path}:{line}" if line else str(path)
+            raise ConfigError(f"{where}: {field}: {first['msg']}") from err
+    return out
+
+
+def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """Follow a pydantic error location through the YAML node tree to a 1-based line number."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            match = node.value[part]
+        else:
+            match = None
+        if match is None:
+            break
+        node, line = match, match.start_mark.line + 1
+    return line

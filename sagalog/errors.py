@@ -1,0 +1,113 @@
+"""Every error this project raises on purpose.
+
+::
+
+    SagaError                         root: catch this to catch everything of ours
+    ├── ConfigError                   bad user input: flags, definitions, payloads (CLI prints it, exit 2)
+    ├── BrokerError                   Kafka said no (mapped in sagalog.kafka.translate)
+    │   ├── BrokerUnavailable         nothing answered at the bootstrap address
+    │   ├── TopicMismatch             topics exist with the wrong shape (partitions, cleanup.policy)
+    │   └── Fenced                    another owner took over: this writer must stop (never retry)
+    ├── DecodeError                   bytes that are not one of our records (dead-letter them)
+    │   ├── UnknownSchema             fingerprint not in schemas/ (a newer writer, or not ours)
+    │   └── MalformedRecord           right header, wrong body (truncated, corrupt, oversized)
+    └── FoldError                     a record that does not follow the saga's state (state unchanged)
+        ├── WrongSaga                 record for another saga id
+        ├── SequenceRepeat            seq <= the state's seq (a duplicate or an old copy)
+        ├── SequenceGap               seq skips ahead (records missing in between)
+        ├── StaleEpoch                written by an owner older than one already seen (a zombie)
+        └── IllegalTransition         the transition table has no row for (state, event)
+
+Each class says whether retrying the same operation can help (``retryable``).
+"""
+
+from __future__ import annotations
+
+
+class SagaError(Exception):
+    """Root of every error raised by sagalog, manager and participants."""
+
+    retryable: bool = False
+
+
+class ConfigError(SagaError):
+    """A user mistake in flags, files or payloads; the message says what to fix."""
+
+
+class BrokerError(SagaError):
+    """The broker refused or failed an operation."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class BrokerUnavailable(BrokerError):
+    """No broker answered at the bootstrap address within the timeout."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
+class TopicMismatch(BrokerError):
+    """A topic exists but its partitions or configs break our invariants."""
+
+
+class Fenced(BrokerError):
+    """A newer owner of the same partition exists; this writer is a zombie and must stop."""
+
+
+class DecodeError(SagaError):
+    """Bytes that could not be decoded as one of our records; carries where they came from."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.topic, self.partition, self.offset = topic, partition, offset
+        where = f" at {topic}[{partition}]@{offset}" if topic is not None else ""
+        super().__init__(message + where)
+
+    def at(self, topic: str, partition: int, offset: int) -> DecodeError:
+        """The same error, with the Kafka position it was read from."""
+        return type(self)(self.args[0], topic=topic, partition=partition, offset=offset)
+
+
+class UnknownSchema(DecodeError):
+    """The single-object header names a schema fingerprint we do not know."""
+
+
+class MalformedRecord(DecodeError):
+    """The header is ours but the body does not decode (truncated, corrupt, oversized)."""
+
+
+class FoldError(SagaError):
+    """A log record that does not follow the current state; the state is left unchanged."""
+
+    def __init__(self, message: str, *, saga_id: str, seq: int, state_seq: int | None) -> None:
+        self.saga_id, self.seq, self.state_seq = saga_id, seq, state_seq
+        super().__init__(f"saga {saga_id}: record seq {seq} (state seq {state_seq}): {message}")
+
+
+class WrongSaga(FoldError):
+    pass
+
+
+class SequenceRepeat(FoldError):
+    pass
+
+
+class SequenceGap(FoldError):
+    pass
+
+
+class StaleEpoch(FoldError):
+    pass
+
+
+class IllegalTransition(FoldError):
+    pass

@@ -1,0 +1,291 @@
+"""The saga state machine: the transition tables, ``apply`` and ``evolve``, and the partition fold.
+
+This module is the one place that says which state changes are legal. Both tables are data,
+so that docs and tests can enumerate them:
+
+* :data:`SAGA_TRANSITIONS`: (saga status, event type) -> saga status
+* :data:`STEP_TRANSITIONS`: (step status, step event) -> step status
+
+``apply(state, event)`` is the pure transition a writer uses to compute the next snapshot;
+``evolve(state, record)`` is what a reader uses: it checks that the record follows (same saga,
+next sequence number, no stale epoch, a row in the tables) and then applies it. A record that
+does not follow raises a :class:`FoldError` and leaves the state as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sagalog.definition import SagaDefinition, definition_from_json
+from sagalog.errors import (
+    DecodeError,
+    FoldError,
+    IllegalTransition,
+    SequenceGap,
+    SequenceRepeat,
+    StaleEpoch,
+    WrongSaga,
+)
+from sagalog.records import (
+    CompensationBegun,
+    CompensationEnded,
+    Event,
+    PartitionClaim,
+    SagaAborted,
+    SagaAborting,
+    SagaBegun,
+    SagaEnded,
+    SagaLogRecord,
+    SagaSnapshot,
+    SagaStatus,
+    StepBegun,
+    StepEnded,
+    StepOutcome,
+    StepSnapshot,
+    StepStatus,
+)
+
+S, T = SagaStatus, StepStatus
+
+#: (saga status before, event type) -> saga status after. ``None``: no saga yet.
+SAGA_TRANSITIONS: dict[tuple[SagaStatus | None, type], SagaStatus] = {
+    (None, SagaBegun): S.RUNNING,
+    (S.RUNNING, StepBegun): S.RUNNING,
+    (S.RUNNING, StepEnded): S.RUNNING,
+    (S.RUNNING, SagaEnded): S.COMPLETED,
+    (S.RUNNING, SagaAborting): S.COMPENSATING,
+    (S.COMPENSATING, CompensationBegun): S.COMPENSATING,
+    (S.COMPENSATING, CompensationEnded): S.COMPENSATING,
+    (S.COMPENSATING, SagaAborted): S.ABORTED,
+}
+
+#: (step status before, step event) -> step status after. A step event is the event type, or
+#: (StepEnded, outcome) for the end of Ti.
+STEP_TRANSITIONS: dict[tuple[StepStatus, Any], StepStatus] = {
+    (T.PENDING, StepBegun): T.RUNNING,
+    (T.RUNNING, StepBegun): T.RUNNING,  # a retry: attempt + 1
+    (T.RUNNING, (StepEnded, StepOutcome.SUCCEEDED)): T.SUCCEEDED,
+    (T.RUNNING, (StepEnded, StepOutcome.FAILED)): T.FAILED,
+    (T.RUNNING, (StepEnded, StepOutcome.TIMED_OUT)): T.TIMED_OUT,
+    # Compensate whatever may have taken effect: done, timed out, or still in flight at abort.
+    (T.SUCCEEDED, CompensationBegun): T.COMPENSATING,
+    (T.TIMED_OUT, CompensationBegun): T.COMPENSATING,
+    (T.RUNNING, CompensationBegun): T.COMPENSATING,
+    (T.COMPENSATING, CompensationBegun): T.COMPENSATING,  # a retry: attempt + 1
+    (T.COMPENSATING, CompensationEnded): T.COMPENSATED,
+}
+
+#: Steps whose effect may exist and so must be compensated when the saga aborts.
+NEEDS_COMPENSATION = frozenset({T.SUCCEEDED, T.TIMED_OUT, T.RUNNING, T.COMPENSATING})
+
+
+class SagaState(SagaSnapshot):
+    """A saga as the log says it is: the snapshot plus its id, sequence number and epoch."""
+
+    saga_id: str
+    seq: int
+    epoch: int
+
+    @property
+    def definition_model(self) -> SagaDefinition:
+        return definition_from_json(self.definition)
+
+    def step(self, name: str) -> StepSnapshot:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def snapshot(self) -> SagaSnapshot:
+        return SagaSnapshot.model_construct(**{k: getattr(self, k) for k in SagaSnapshot.model_fields})
+
+    @classmethod
+    def from_record(cls, record: SagaLogRecord) -> SagaState:
+        snap = record.snapshot
+        return cls.model_construct(
+            **{k: getattr(snap, k) for k in SagaSnapshot.model_fields},
+            saga_id=record.saga_id,
+            seq=record.seq,
+            epoch=record.epoch,
+        )
+
+
+def begin(
+    saga_id: str, definition: SagaDefinition, payload: str, now_ms: int, epoch: int
+) -> tuple[SagaBegun, SagaState]:
+    """The first event of a saga and the state it creates (seq 1)."""
+    state = SagaState(
+        saga_id=saga_id,
+        seq=1,
+        epoch=epoch,
+        saga_type=definition.name,
+        definition=definition.canonical_json,
+        payload=payload,
+        status=S.RUNNING,
+        steps=tuple(StepSnapshot(name=s.name) for s in definition.steps),
+        started_ms=now_ms,
+        updated_ms=now_ms,
+    )
+    return SagaBegun(saga_type=definition.name, definition_version=definition.version), state
+
+
+def _step_key(event: Event) -> Any:
+    return (StepEnded, event.outcome) if isinstance(event, StepEnded) else type(event)
+
+
+def _fail(state: SagaState, event: Event, why: str, seq: int | None = None) -> IllegalTransition:
+    return IllegalTransition(
+        f"{type(event).__name__} not allowed: {why}",
+        saga_id=state.saga_id,
+        seq=state.seq + 1 if seq is None else seq,
+        state_seq=state.seq,
+    )
+
+
+def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
+    """The state after ``event``; raises :class:`IllegalTransition` (state unchanged) if not allowed."""
+    after = SAGA_TRANSITIONS.get((state.status, type(event)))
+    if after is None:
+        raise _fail(state, event, f"saga is {state.status.value}")
+    steps = state.steps
+    update: dict[str, Any] = {"status": after, "seq": state.seq + 1, "epoch": epoch, "updated_ms": now_ms}
+    step_name = getattr(event, "step", None)
+    if step_name is not None:
+        index = next((i for i, s in enumerate(steps) if s.name == step_name), None)
+        if index is None:
+            raise _fail(state, event, f"saga has no step {step_name!r}")
+        step = steps[index]
+        step_after = STEP_TRANSITIONS.get((step.status, _step_key(event)))
+        if step_after is None:
+            raise _fail(state, event, f"step {step_name!r} is {step.status.value}")
+        changes: dict[str, Any] = {"status": step_after}
+        if isinstance(event, StepBegun):
+            if event.attempt != step.attempt + 1:
+                raise _fail(state, event, f"attempt {event.attempt} after attempt {step.attempt}")
+            changes.update(
+                attempt=event.attempt,
+                dispatch_at_ms=event.dispatch_at_ms,
+                deadline_ms=event.deadline_ms,
+                error=event.last_error,
+            )
+        elif isinstance(event, CompensationBegun):
+            if event.attempt != step.comp_attempt + 1:
+                raise _fail(state, event, f"compensation attempt {event.attempt} after {step.comp_attempt}")
+            changes.update(
+                comp_attempt=event.attempt,
+                dispatch_at_ms=event.dispatch_at_ms,
+                deadline_ms=event.deadline_ms,
+                error=event.last_error,
+            )
+        elif isinstance(event, StepEnded):
+            changes.update(output=event.output, error=event.error)
+        elif isinstance(event, CompensationEnded):
+            changes.update(error=None)
+        update["steps"] = steps[:index] + (step.model_copy(update=changes),) + steps[index + 1 :]
+    elif isinstance(event, SagaEnded):
+        if any(s.status is not T.SUCCEEDED for s in steps):
+            raise _fail(state, event, "not every step has succeeded")
+    elif isinstance(event, SagaAborting):
+        update["reason"] = event.reason
+    elif isinstance(event, SagaAborted):
+        definition = state.definition_model
+        open_steps = [
+            s.name
+            for s in steps
+            if s.status in (T.RUNNING, T.COMPENSATING)
+            or (s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable)
+        ]
+        if open_steps:
+            raise _fail(state, event, f"steps {open_steps} are not compensated yet")
+        update["reason"] = event.reason
+    return state.model_copy(update=update)
+
+
+def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int = 0) -> SagaState:
+    """Fold one log record into a saga's state (``None``: nothing seen of this saga yet).
+
+    A saga seen for the first time at seq > 1 is one whose earlier records were compacted away or
+    truncated: its snapshot is adopted as is (that is what the snapshot is for).
+    """
+    if record.epoch < partition_epoch or (state is not None and record.epoch < state.epoch):
+        seen = max(partition_epoch, state.epoch if state else 0)
+        raise StaleEpoch(
+            f"written at epoch {record.epoch} after epoch {seen} took over (a zombie's write)",
+            saga_id=record.saga_id,
+            seq=record.seq,
+            state_seq=state.seq if state else None,
+        )
+    if state is None:
+        if record.seq == 1 and not isinstance(record.event, SagaBegun):
+            raise IllegalTransition(
+                f"{type(record.event).__name__} as the first record of a saga",
+                saga_id=record.saga_id,
+                seq=record.seq,
+                state_seq=None,
+            )
+        return SagaState.from_record(record)
+    if record.saga_id != state.saga_id:
+        raise WrongSaga("record belongs to another saga", saga_id=state.saga_id, seq=record.seq, state_seq=state.seq)
+    if record.seq <= state.seq:
+        raise SequenceRepeat("already applied", saga_id=state.saga_id, seq=record.seq, state_seq=state.seq)
+    if record.seq > state.seq + 1:
+        raise SequenceGap("records missing in between", saga_id=state.saga_id, seq=record.seq, state_seq=state.seq)
+    if isinstance(record.event, SagaBegun):
+        raise _fail(state, record.event, "saga has begun already", record.seq)
+    return apply(state, record.event, record.timestamp_ms, record.epoch)
+
+
+def replay(records: Iterable[SagaLogRecord]) -> SagaState | None:
+    """Fold one saga's records, strictly: the first error propagates."""
+    state: SagaState | None = None
+    for record in records:
+        state = evolve(state, record)
+    return state
+
+
+@dataclass
+class PartitionFold:
+    """The state of every saga on one log partition, folded record by record.
+
+    Bad records never stop the fold: they are counted (and kept in ``rejected`` with the reason)
+    and the state stays as it was. A record after a sequence gap carries a full snapshot, so the
+    saga is re-based on it (a gap can only come from truncation); the gap is still counted.
+    """
+
+    partition: int = -1
+    epoch: int = 0
+    sagas: dict[str, SagaState] = field(default_factory=dict)
+    applied: int = 0
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (offset, reason)
+    max_rejected_kept: int = 1000
+
+    def apply(self, key: bytes | None, item: SagaLogRecord | PartitionClaim | DecodeError | None, offset: int) -> None:
+        """Apply one decoded log message (``None``: a tombstone that removes a finished saga)."""
+        if item is None:
+            if key is not None:
+                self.sagas.pop(key.decode("utf-8", "replace"), None)
+            return
+        if isinstance(item, DecodeError):
+            self._reject(offset, str(item))
+        elif isinstance(item, PartitionClaim):
+            self.epoch = max(self.epoch, item.epoch)
+        else:
+            current = self.sagas.get(item.saga_id)
+            try:
+                self.sagas[item.saga_id] = evolve(current, item, self.epoch)
+                self.applied += 1
+            except SequenceGap as gap:
+                self.sagas[item.saga_id] = SagaState.from_record(item)
+                self.applied += 1
+                self._reject(offset, str(gap))
+            except FoldError as err:
+                self._reject(offset, str(err))
+
+    def _reject(self, offset: int, reason: str) -> None:
+        if len(self.rejected) < self.max_rejected_kept:
+            self.rejected.append((offset, reason))
+
+    def live(self) -> list[SagaState]:
+        return [s for s in self.sagas.values() if not s.status.terminal]

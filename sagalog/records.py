@@ -1,0 +1,274 @@
+"""The records of the saga log and the messages around it, as frozen pydantic models.
+
+One model per Avro record in ``schemas/``; :mod:`sagalog.codec` maps between the two. Events
+are small immutable values; :class:`SagaLogRecord` is the stored envelope: the event plus the
+saga snapshot after it (what compaction must leave to resume the saga), the per-saga sequence
+number and the writer's epoch.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    #: Full Avro name of the record this model maps to.
+    AVRO_NAME: ClassVar[str] = ""
+
+
+class SagaStatus(StrEnum):
+    RUNNING = "RUNNING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    ABORTED = "ABORTED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SagaStatus.COMPLETED, SagaStatus.ABORTED)
+
+
+class StepStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    COMPENSATING = "COMPENSATING"
+    COMPENSATED = "COMPENSATED"
+
+
+class StepOutcome(StrEnum):
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+
+
+class Action(StrEnum):
+    EXECUTE = "EXECUTE"
+    COMPENSATE = "COMPENSATE"
+
+
+class ReplyOutcome(StrEnum):
+    SUCCESS = "SUCCESS"
+    BUSINESS_FAILURE = "BUSINESS_FAILURE"
+    RETRYABLE_ERROR = "RETRYABLE_ERROR"
+    REFUSED = "REFUSED"
+
+
+# --- events: the state changes of one saga ---------------------------------------------------
+
+
+class SagaBegun(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaBegun"
+    saga_type: str
+    definition_version: int
+
+
+class StepBegun(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.StepBegun"
+    step: str
+    attempt: int
+    dispatch_at_ms: int
+    deadline_ms: int
+    last_error: str | None = None
+
+
+class StepEnded(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.StepEnded"
+    step: str
+    outcome: StepOutcome
+    output: str | None = None
+    error: str | None = None
+
+
+class SagaAborting(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaAborting"
+    reason: str
+    failed_step: str | None = None
+
+
+class CompensationBegun(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.CompensationBegun"
+    step: str
+    attempt: int
+    dispatch_at_ms: int
+    deadline_ms: int
+    last_error: str | None = None
+
+
+class CompensationEnded(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.CompensationEnded"
+    step: str
+    output: str | None = None
+
+
+class SagaAborted(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaAborted"
+    reason: str
+
+
+class SagaEnded(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaEnded"
+
+
+Event = (
+    SagaBegun
+    | StepBegun
+    | StepEnded
+    | SagaAborting
+    | CompensationBegun
+    | CompensationEnded
+    | SagaAborted
+    | SagaEnded
+)
+EVENT_TYPES: dict[str, type[Frozen]] = {
+    cls.AVRO_NAME: cls
+    for cls in (
+        SagaBegun,
+        StepBegun,
+        StepEnded,
+        SagaAborting,
+        CompensationBegun,
+        CompensationEnded,
+        SagaAborted,
+        SagaEnded,
+    )
+}
+
+
+# --- the snapshot: the whole saga after an event ----------------------------------------------
+
+
+class StepSnapshot(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.StepSnapshot"
+    name: str
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    comp_attempt: int = 0
+    dispatch_at_ms: int = 0
+    deadline_ms: int = 0
+    output: str | None = None
+    error: str | None = None
+
+
+class SagaSnapshot(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaSnapshot"
+    saga_type: str
+    definition: str
+    payload: str
+    status: SagaStatus
+    steps: tuple[StepSnapshot, ...]
+    reason: str | None = None
+    started_ms: int
+    updated_ms: int
+
+
+# --- top-level records ------------------------------------------------------------------------
+
+
+class SagaLogRecord(Frozen):
+    """One saga state change on the log: the event and the snapshot it produced."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaLogRecord"
+    saga_id: str
+    seq: int
+    epoch: int
+    timestamp_ms: int
+    event: Event
+    snapshot: SagaSnapshot
+    writer: str | None = None
+
+
+class PartitionClaim(Frozen):
+    """A manager took over a log partition with this epoch; older epochs are zombies from then on."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.PartitionClaim"
+    partition: int
+    epoch: int
+    owner: str
+    timestamp_ms: int
+
+    @staticmethod
+    def key(partition: int) -> bytes:
+        return f"__claim__/{partition}".encode()
+
+
+class StartSaga(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.StartSaga"
+    saga_id: str
+    saga_type: str
+    payload: str
+    requested_ms: int
+
+
+class CancelSaga(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.CancelSaga"
+    saga_id: str
+    reason: str
+    requested_ms: int
+
+
+class ParticipantCommand(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.ParticipantCommand"
+    command_id: str
+    saga_id: str
+    saga_type: str
+    step: str
+    action: Action
+    attempt: int
+    epoch: int
+    payload: str
+    outputs: str
+    reply_topic: str
+    reply_partition: int
+    deadline_ms: int
+    issued_ms: int
+
+    @staticmethod
+    def make_id(saga_id: str, step: str, action: Action) -> str:
+        """Deterministic and attempt-free: every retry of a step carries the same id."""
+        return f"{saga_id}/{step}/{action.value.lower()}"
+
+
+class ParticipantReply(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.ParticipantReply"
+    command_id: str
+    saga_id: str
+    step: str
+    action: Action
+    attempt: int
+    epoch: int
+    outcome: ReplyOutcome
+    output: str | None = None
+    error: str | None = None
+    participant: str
+    replied_ms: int
+
+
+class DeadLetter(Frozen):
+    AVRO_NAME: ClassVar[str] = "sagalog.DeadLetter"
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    reason: str
+    error_type: str
+    component: str
+    dead_lettered_ms: int
+
+
+TOP_LEVEL: tuple[type[Frozen], ...] = (
+    SagaLogRecord,
+    PartitionClaim,
+    StartSaga,
+    CancelSaga,
+    ParticipantCommand,
+    ParticipantReply,
+    DeadLetter,
+)
+InboxMessage = StartSaga | CancelSaga | ParticipantReply
