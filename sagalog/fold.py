@@ -192,10 +192,7 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
     elif isinstance(event, SagaAborted):
         definition = state.definition_model
         open_steps = [
-            s.name
-            for s in steps
-            if s.status in (T.RUNNING, T.COMPENSATING)
-            or (s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable)
+            s.name for s in steps if s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable
         ]
         if open_steps:
             raise _fail(state, event, f"steps {open_steps} are not compensated yet")

@@ -47,12 +47,7 @@ def translate(err: KafkaException | KafkaError, doing: str) -> BrokerError:
 
 
 def _base(bootstrap: str, overrides: ClientOverrides | None) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        # Keys are saga ids; murmur2 is what Java clients use, so services in any language that
-        # follow the contract land a saga's messages on the same partition as ours do.
-        "partitioner": "murmur2_random",
-    }
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
     config.update(overrides or {})
     return config
 
@@ -67,6 +62,9 @@ def producer_config(
     config = _base(bootstrap, None)
     config.update(
         {
+            # Keys are saga ids; murmur2 is what Java clients use, so services in any language that
+            # follow the contract land a saga's messages on the same partition as ours do.
+            "partitioner": "murmur2_random",
             # Idempotence: broker-side dedup of retried batches, so a retry never doubles a record.
             "enable.idempotence": True,
             "acks": "all",

@@ -1,0 +1,284 @@
+"""What a manager does next for a saga: pure functions, no I/O, no clock, no randomness.
+
+Every input (a start request, a participant reply, a cancel, the passing of time) goes through
+one function here and comes out as a :class:`Decision`: the log records to append (write-ahead:
+they are written before, and atomically with, the commands) and the commands to send.
+
+The saga rules, in one place:
+
+* Steps run when every step they depend on has succeeded (a DAG; sequential by default).
+* A business failure, exhausted retries or a timeout on the last attempt aborts the saga.
+* On abort every step that may have taken effect (succeeded, timed out, or still in flight) is
+  compensated, a step only after every step that depends on it has settled: reverse dependency
+  order. Steps that failed with a business failure changed nothing and are not compensated.
+* Compensations are retried with backoff until they succeed; ``saga status`` shows why they fail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from sagalog.definition import SagaDefinition
+from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin
+from sagalog.records import (
+    Action,
+    CompensationBegun,
+    CompensationEnded,
+    Event,
+    ParticipantCommand,
+    ParticipantReply,
+    ReplyOutcome,
+    SagaAborted,
+    SagaAborting,
+    SagaEnded,
+    SagaLogRecord,
+    SagaStatus,
+    StartSaga,
+    StepBegun,
+    StepEnded,
+    StepOutcome,
+    StepStatus,
+)
+
+T = StepStatus
+#: A compensation whose dependents are in one of these has nothing left waiting on it.
+SETTLED = frozenset({T.PENDING, T.FAILED, T.COMPENSATED})
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything about the writer a decision needs: who, when, where replies go."""
+
+    now_ms: int
+    epoch: int
+    reply_topic: str
+    reply_partition: int
+    writer: str | None = None
+
+
+@dataclass
+class Decision:
+    """Records to append (in order) and commands to send, plus the state after the records."""
+
+    state: SagaState | None
+    records: list[SagaLogRecord] = field(default_factory=list)
+    commands: list[tuple[str, ParticipantCommand]] = field(default_factory=list)  # (participant, cmd)
+    ignored: str | None = None  # why the input changed nothing (for logs and dead letters)
+
+    def record(self, event: Event, ctx: Context) -> None:
+        """Apply ``event`` to the state and keep the record that says so."""
+        assert self.state is not None
+        self.state = apply(self.state, event, ctx.now_ms, ctx.epoch)
+        self.records.append(_record(self.state, event, ctx))
+
+
+def _record(state: SagaState, event: Event, ctx: Context) -> SagaLogRecord:
+    return SagaLogRecord.model_construct(
+        saga_id=state.saga_id,
+        seq=state.seq,
+        epoch=ctx.epoch,
+        timestamp_ms=ctx.now_ms,
+        event=event,
+        snapshot=state.snapshot(),
+        writer=ctx.writer,
+    )
+
+
+def ignore(state: SagaState | None, why: str) -> Decision:
+    return Decision(state=state, ignored=why)
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def on_start(existing: SagaState | None, finished: bool, request: StartSaga, definition: SagaDefinition, ctx: Context) -> Decision:
+    """Begin a saga; a repeated start of the same id is ignored (the id makes starts idempotent)."""
+    if existing is not None or finished:
+        return ignore(existing, f"saga {request.saga_id} exists already (duplicate start)")
+    event, state = begin(request.saga_id, definition, request.payload, ctx.now_ms, ctx.epoch)
+    decision = Decision(state=state, records=[_record(state, event, ctx)])
+    _advance(decision, ctx)
+    return decision
+
+
+def on_cancel(state: SagaState, reason: str, ctx: Context) -> Decision:
+    if state.status is not SagaStatus.RUNNING:
+        return ignore(state, f"saga {state.saga_id} is {state.status.value}, cancel has no effect")
+    decision = Decision(state=state)
+    decision.record(SagaAborting(reason=f"cancelled: {reason}"), ctx)
+    _advance(decision, ctx)
+    return decision
+
+
+def on_reply(state: SagaState, reply: ParticipantReply, ctx: Context) -> Decision:
+    """A participant's answer. Late, duplicate and stale replies change nothing."""
+    try:
+        step = state.step(reply.step)
+    except KeyError:
+        return ignore(state, f"saga {state.saga_id} has no step {reply.step!r}")
+    if reply.command_id != ParticipantCommand.make_id(state.saga_id, reply.step, reply.action):
+        return ignore(state, f"reply command id {reply.command_id!r} does not match its saga/step/action")
+    if reply.outcome is ReplyOutcome.REFUSED:
+        return ignore(state, f"participant refused {reply.command_id}: {reply.error}")
+    definition = state.definition_model
+    decision = Decision(state=state)
+    if reply.action is Action.EXECUTE:
+        if state.status is not SagaStatus.RUNNING or step.status is not T.RUNNING:
+            return ignore(state, f"late or duplicate reply for {reply.command_id} (step is {step.status.value})")
+        if reply.outcome is ReplyOutcome.SUCCESS:
+            decision.record(StepEnded(step=step.name, outcome=StepOutcome.SUCCEEDED, output=reply.output), ctx)
+        elif reply.outcome is ReplyOutcome.BUSINESS_FAILURE:
+            decision.record(StepEnded(step=step.name, outcome=StepOutcome.FAILED, error=reply.error), ctx)
+        else:  # RETRYABLE_ERROR: only the current attempt's error counts
+            if reply.attempt != step.attempt:
+                return ignore(state, f"retryable error from attempt {reply.attempt}, attempt {step.attempt} is in flight")
+            policy = definition.by_name[step.name].retry
+            if step.attempt >= policy.attempts:
+                error = f"failed after {step.attempt} attempts: {reply.error}"
+                decision.record(StepEnded(step=step.name, outcome=StepOutcome.FAILED, error=error), ctx)
+            else:
+                decision.record(_retry_step(state, step.name, definition, reply.error or "retryable error", ctx), ctx)
+    else:
+        if step.status is not T.COMPENSATING:
+            return ignore(state, f"late or duplicate reply for {reply.command_id} (step is {step.status.value})")
+        if reply.outcome is ReplyOutcome.SUCCESS:
+            decision.record(CompensationEnded(step=step.name, output=reply.output), ctx)
+        else:
+            if reply.attempt != step.comp_attempt:
+                return ignore(state, f"error from compensation attempt {reply.attempt}, {step.comp_attempt} is in flight")
+            decision.record(_retry_compensation(state, step.name, definition, reply.error or "error", ctx), ctx)
+    _advance(decision, ctx)
+    return decision
+
+
+def on_time(state: SagaState, ctx: Context) -> Decision:
+    """Deadlines that passed: retry, give up (abort), or retry a compensation."""
+    decision = Decision(state=state)
+    definition = state.definition_model
+    for step in state.steps:
+        if step.deadline_ms > ctx.now_ms:
+            continue
+        current = decision.state
+        assert current is not None
+        if step.status is T.RUNNING and current.status is SagaStatus.RUNNING:
+            timeout = definition.by_name[step.name].timeout_s
+            why = f"no reply within {timeout:g}s (attempt {step.attempt})"
+            if step.attempt >= definition.by_name[step.name].retry.attempts:
+                decision.record(StepEnded(step=step.name, outcome=StepOutcome.TIMED_OUT, error=why), ctx)
+            else:
+                decision.record(_retry_step(current, step.name, definition, why, ctx), ctx)
+        elif step.status is T.COMPENSATING:
+            timeout = definition.by_name[step.name].timeout_s
+            why = f"no reply to compensation within {timeout:g}s (attempt {step.comp_attempt})"
+            decision.record(_retry_compensation(current, step.name, definition, why, ctx), ctx)
+    _advance(decision, ctx)
+    return decision
+
+
+def outstanding_commands(state: SagaState, ctx: Context) -> list[tuple[str, ParticipantCommand]]:
+    """Every command the log says is in flight and due: what a new owner re-sends on takeover."""
+    definition = state.definition_model
+    out = []
+    for step in state.steps:
+        if step.dispatch_at_ms > ctx.now_ms:
+            continue
+        if step.status is T.RUNNING and state.status is SagaStatus.RUNNING:
+            out.append(_command(state, definition, step.name, Action.EXECUTE, step.attempt, step.deadline_ms, ctx))
+        elif step.status is T.COMPENSATING:
+            out.append(_command(state, definition, step.name, Action.COMPENSATE, step.comp_attempt, step.deadline_ms, ctx))
+    return out
+
+
+def next_wakeup_ms(state: SagaState, now_ms: int) -> int | None:
+    """When this saga next needs attention without any message: a delayed dispatch or a deadline."""
+    if state.status.terminal:
+        return None
+    times = [
+        step.dispatch_at_ms if step.dispatch_at_ms > now_ms else step.deadline_ms
+        for step in state.steps
+        if step.status is T.COMPENSATING or (step.status is T.RUNNING and state.status is SagaStatus.RUNNING)
+    ]
+    return min(times) if times else None
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+
+def _advance(decision: Decision, ctx: Context) -> None:
+    """Follow-up events after any change: start ready steps, abort, compensate, end."""
+    state = decision.state
+    assert state is not None
+    definition = state.definition_model
+    if state.status is SagaStatus.RUNNING:
+        failed = next((s for s in state.steps if s.status in (T.FAILED, T.TIMED_OUT)), None)
+        if failed is not None:
+            decision.record(SagaAborting(reason=f"step {failed.name} {failed.status.value.lower()}: {failed.error}", failed_step=failed.name), ctx)
+        elif all(s.status is T.SUCCEEDED for s in state.steps):
+            decision.record(SagaEnded(), ctx)
+            return
+        else:
+            for step in state.steps:
+                if step.status is T.PENDING and all(
+                    state.step(dep).status is T.SUCCEEDED for dep in definition.dependencies(step.name)
+                ):
+                    timeout_ms = int(definition.by_name[step.name].timeout_s * 1000)
+                    event = StepBegun(step=step.name, attempt=1, dispatch_at_ms=ctx.now_ms, deadline_ms=ctx.now_ms + timeout_ms)
+                    decision.record(event, ctx)
+                    decision.commands.append(_command(decision.state, definition, step.name, Action.EXECUTE, 1, event.deadline_ms, ctx))
+            return
+    state = decision.state
+    if state.status is not SagaStatus.COMPENSATING:
+        return
+    statuses = {s.name: s.status for s in state.steps}
+    pending = [
+        s
+        for s in state.steps
+        if s.status in NEEDS_COMPENSATION and s.status is not T.COMPENSATING and definition.by_name[s.name].compensable
+    ]
+    for step in pending:
+        if all(statuses[d] in SETTLED or not definition.by_name[d].compensable for d in definition.dependents[step.name]):
+            timeout_ms = int(definition.by_name[step.name].timeout_s * 1000)
+            event = CompensationBegun(step=step.name, attempt=1, dispatch_at_ms=ctx.now_ms, deadline_ms=ctx.now_ms + timeout_ms)
+            decision.record(event, ctx)
+            decision.commands.append(_command(decision.state, definition, step.name, Action.COMPENSATE, 1, event.deadline_ms, ctx))
+    state = decision.state
+    if not any(s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable for s in state.steps):
+        decision.record(SagaAborted(reason=state.reason or "aborted"), ctx)
+
+
+def _retry_step(state: SagaState, name: str, definition: SagaDefinition, why: str, ctx: Context) -> StepBegun:
+    step = state.step(name)
+    spec = definition.by_name[name]
+    attempt = step.attempt + 1
+    dispatch_at = ctx.now_ms + spec.retry.delay_ms(attempt, f"{state.saga_id}/{name}")
+    return StepBegun(step=name, attempt=attempt, dispatch_at_ms=dispatch_at, deadline_ms=dispatch_at + int(spec.timeout_s * 1000), last_error=why)
+
+
+def _retry_compensation(state: SagaState, name: str, definition: SagaDefinition, why: str, ctx: Context) -> CompensationBegun:
+    step = state.step(name)
+    spec = definition.by_name[name]
+    attempt = step.comp_attempt + 1
+    delay = definition.compensation_retry.delay_ms(attempt, f"{state.saga_id}/{name}/c")
+    dispatch_at = ctx.now_ms + delay
+    return CompensationBegun(step=name, attempt=attempt, dispatch_at_ms=dispatch_at, deadline_ms=dispatch_at + int(spec.timeout_s * 1000), last_error=why)
+
+
+def _command(state: SagaState, definition: SagaDefinition, step: str, action: Action, attempt: int, deadline_ms: int, ctx: Context) -> tuple[str, ParticipantCommand]:
+    outputs = {s.name: json.loads(s.output) for s in state.steps if s.output is not None}
+    command = ParticipantCommand.model_construct(
+        command_id=ParticipantCommand.make_id(state.saga_id, step, action),
+        saga_id=state.saga_id,
+        saga_type=state.saga_type,
+        step=step,
+        action=action,
+        attempt=attempt,
+        epoch=ctx.epoch,
+        payload=state.payload,
+        outputs=json.dumps(outputs, separators=(",", ":")),
+        reply_topic=ctx.reply_topic,
+        reply_partition=ctx.reply_partition,
+        deadline_ms=deadline_ms,
+        issued_ms=ctx.now_ms,
+    )
+    return definition.by_name[step].participant, command

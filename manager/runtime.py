@@ -1,0 +1,444 @@
+"""The manager process: a thin loop around :mod:`manager.decide`.
+
+One consumer group on the inbox. Owning inbox partition p means owning log partition p:
+
+1. **Take over** (on assignment): create the partition's transactional producer
+   (``transactional.id = <group>.<log topic>.<p>``; ``init_transactions`` fences any previous
+   owner, zombie or not), replay log partition p to its end, claim it with epoch = highest epoch
+   seen + 1, re-send every outstanding command and re-arm every deadline.
+2. **Work**: each poll's messages are grouped by partition; decisions are made in memory; then per
+   partition, ONE transaction carries the log records, the commands, any dead letters and the
+   inbox offsets. Write-ahead holds because consumers read ``read_committed``: a command is only
+   ever seen together with the log records that decided it.
+3. **Give up** (on revocation/loss, or when fenced): drop the partition's state and producer.
+
+If a transaction fails for any other reason the partition is taken over again from the log, so
+memory never drifts from what the log says.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from manager import decide
+from sagalog.codec import Codec
+from sagalog.config import Topics
+from sagalog.definition import DefinitionSet
+from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
+from sagalog.fold import PartitionFold, SagaState
+from sagalog.kafka import consumer_config, producer_config, reader_config, translate
+from sagalog.records import (
+    CancelSaga,
+    DeadLetter,
+    ParticipantCommand,
+    ParticipantReply,
+    PartitionClaim,
+    StartSaga,
+)
+
+log = logging.getLogger("saga.manager")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ManagerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    bootstrap: str
+    definitions: DefinitionSet
+    topics: Topics = Topics()
+    group_id: str = "saga-managers"
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    client_overrides: dict[str, Any] = Field(default_factory=dict)
+    #: Below the session timeout a frozen manager keeps its partitions; above it, another takes over.
+    session_timeout_ms: int = 6000
+    #: Finished sagas are tombstoned (removed from the compacted log) this long after they end.
+    finished_retention_s: float = 7 * 24 * 3600
+    max_batch: int = 2000
+    max_poll_wait_s: float = 0.05
+
+
+@dataclass
+class Outbox:
+    """What one partition's next transaction will carry."""
+
+    log: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # (key, value|None=tombstone)
+    commands: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
+    dead: list[bytes] = field(default_factory=list)
+    next_inbox_offset: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.log or self.commands or self.dead or self.next_inbox_offset is not None)
+
+
+@dataclass
+class Owned:
+    """A log partition this manager owns: its sagas, timers and transactional producer."""
+
+    partition: int
+    epoch: int
+    producer: Producer
+    live: dict[str, SagaState] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)  # saga id -> ended at (ms), for dedup + tombstones
+    timers: list[tuple[int, str]] = field(default_factory=list)  # heap of (wake at ms, saga id)
+    sent: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # saga id -> {(command id, attempt)}
+    outbox: Outbox = field(default_factory=Outbox)
+
+
+class Manager:
+    """One manager replica. ``run()`` until ``stop()``; all Kafka I/O happens on the calling thread."""
+
+    def __init__(self, settings: ManagerSettings, codec: Codec | None = None) -> None:
+        self.settings = settings
+        self.codec = codec or Codec()
+        self.topics = settings.topics
+        self.owned: dict[int, Owned] = {}
+        self.running = False
+        self.stats = {"started": 0, "completed": 0, "aborted": 0, "dead_lettered": 0, "ignored": 0, "takeovers": 0}
+        overrides = settings.client_overrides
+        self.consumer = Consumer(
+            consumer_config(
+                settings.bootstrap,
+                settings.group_id,
+                session_timeout_ms=settings.session_timeout_ms,
+                overrides={"client.id": f"manager-{settings.instance_id}", **overrides},
+            )
+        )
+        self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.running = True
+        self.consumer.subscribe([self.topics.inbox], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        log.info("manager %s started, group %s, inbox %s", self.settings.instance_id, self.settings.group_id, self.topics.inbox)
+        try:
+            while self.running:
+                self.step()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        for p in list(self.owned):
+            self._release(p)
+        try:
+            self.consumer.close()  # leaves the group: the others take over without waiting for the session timeout
+        except KafkaException as err:
+            log.warning("closing consumer: %s", translate(err, "close"))
+        self.reader.close()
+
+    def step(self) -> None:
+        """One iteration: poll a batch, decide, fire due timers, write each partition's transaction."""
+        messages = self.consumer.consume(self.settings.max_batch, self._poll_wait())
+        now = now_ms()
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                mapped = translate(err, "consuming the inbox")
+                if err.fatal():
+                    raise mapped
+                log.warning("%s", mapped)
+                continue
+            owned = self.owned.get(msg.partition())
+            if owned is not None:
+                self._handle_inbox(owned, msg, now)
+        for owned in list(self.owned.values()):
+            self._fire_timers(owned, now)
+        for p, owned in list(self.owned.items()):
+            if owned.outbox:
+                self._commit(p, owned)
+
+    def _poll_wait(self) -> float:
+        wake = min((o.timers[0][0] for o in self.owned.values() if o.timers), default=None)
+        if wake is None:
+            return self.settings.max_poll_wait_s
+        return max(0.0, min(self.settings.max_poll_wait_s, (wake - now_ms()) / 1000))
+
+    # --- ownership ------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            try:
+                self._take_over(tp.partition)
+            except BrokerError as err:
+                # Leave it unowned: its inbox messages are skipped until the next rebalance or retry.
+                log.error("taking over partition %d failed: %s", tp.partition, err)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._release(tp.partition)
+
+    def _take_over(self, p: int) -> None:
+        started = time.monotonic()
+        self._release(p)
+        producer = Producer(
+            producer_config(
+                self.settings.bootstrap,
+                transactional_id=f"{self.settings.group_id}.{self.topics.log}.{p}",
+                overrides=self.settings.client_overrides,
+            )
+        )
+        try:
+            producer.init_transactions(30)  # fences the previous owner of this partition, zombie or not
+        except KafkaException as err:
+            raise translate(err, f"claiming partition {p}") from err
+        fold = self._replay(p)
+        now = now_ms()
+        owned = Owned(partition=p, epoch=fold.epoch + 1, producer=producer)
+        owned.outbox.log.append(
+            (PartitionClaim.key(p), self.codec.encode(PartitionClaim(partition=p, epoch=owned.epoch, owner=self.settings.instance_id, timestamp_ms=now)))
+        )
+        for saga_id, state in fold.sagas.items():
+            if state.status.terminal:
+                owned.finished[saga_id] = state.updated_ms
+            else:
+                owned.live[saga_id] = state
+                self._after_decision(owned, state, [], now)  # re-sends outstanding commands, arms timers
+        self.owned[p] = owned
+        self._commit(p, owned)
+        self.stats["takeovers"] += 1
+        log.info(
+            "took over partition %d at epoch %d: %d records replayed, %d live sagas resumed, %d rejected, in %.0f ms",
+            p, owned.epoch, fold.applied, len(owned.live), len(fold.rejected), 1000 * (time.monotonic() - started),
+        )
+
+    def _replay(self, p: int) -> PartitionFold:
+        """Read log partition p from the beginning to its end and fold it."""
+        fold = PartitionFold(partition=p)
+        tp = TopicPartition(self.topics.log, p, OFFSET_BEGINNING)
+        try:
+            low, high = self.reader.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as err:
+            raise translate(err, f"reading the end of log partition {p}") from err
+        if high <= low:
+            return fold
+        self.reader.assign([tp])
+        try:
+            done = False
+            deadline = time.monotonic() + 300
+            while not done:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"replaying log partition {p} did not reach offset {high} in 300 s", retryable=True)
+                for msg in self.reader.consume(5000, 0.5):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            done = True
+                            continue
+                        raise translate(err, f"replaying log partition {p}")
+                    try:
+                        item = None if msg.value() is None else self.codec.decode(msg.value())
+                    except DecodeError as bad:
+                        item = bad.at(self.topics.log, p, msg.offset())
+                    fold.apply(msg.key(), item, msg.offset())  # type: ignore[arg-type]
+                    if msg.offset() >= high - 1:
+                        done = True
+                if not done:
+                    position = self.reader.position([TopicPartition(self.topics.log, p)])[0].offset
+                    done = position >= high
+        finally:
+            self.reader.unassign()
+        for offset, reason in fold.rejected[:20]:
+            log.warning("log partition %d offset %d rejected on replay: %s", p, offset, reason)
+        return fold
+
+    def _release(self, p: int) -> None:
+        owned = self.owned.pop(p, None)
+        if owned is None:
+            return
+        try:
+            owned.producer.abort_transaction(1)
+        except KafkaException:
+            pass  # no transaction open, or fenced: either way nothing of ours is pending
+        log.info("released partition %d (%d live sagas handed over)", p, len(owned.live))
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def _ctx(self, owned: Owned, now: int) -> decide.Context:
+        return decide.Context(now_ms=now, epoch=owned.epoch, reply_topic=self.topics.inbox, reply_partition=owned.partition, writer=self.settings.instance_id)
+
+    def _handle_inbox(self, owned: Owned, msg: Message, now: int) -> None:
+        owned.outbox.next_inbox_offset = msg.offset() + 1
+        try:
+            item = self.codec.decode(msg.value())
+        except DecodeError as err:
+            self._dead_letter(owned, msg, err.at(msg.topic(), msg.partition(), msg.offset()), now)
+            return
+        key = (msg.key() or b"").decode("utf-8", "replace")
+        saga_id = getattr(item, "saga_id", None)
+        if saga_id != key:
+            self._dead_letter(owned, msg, f"message key {key!r} is not its saga id {saga_id!r}: key inbox messages by saga id", now)
+            return
+        ctx = self._ctx(owned, now)
+        state = owned.live.get(key)
+        try:
+            if isinstance(item, StartSaga):
+                definition = self.settings.definitions.get(item.saga_type)
+                if definition is None:
+                    known = ", ".join(self.settings.definitions.names())
+                    self._dead_letter(owned, msg, f"unknown saga type {item.saga_type!r} (known: {known})", now)
+                    return
+                try:
+                    json.loads(item.payload)
+                except ValueError as bad:
+                    self._dead_letter(owned, msg, f"payload is not JSON: {bad}", now)
+                    return
+                decision = decide.on_start(state, key in owned.finished, item, definition, ctx)
+            elif state is None:
+                if key in owned.finished:
+                    self.stats["ignored"] += 1
+                    return  # a late reply or cancel for a saga that has ended: nothing to do
+                self._dead_letter(owned, msg, f"{type(item).__name__} for unknown saga {key!r}", now)
+                return
+            elif isinstance(item, ParticipantReply):
+                decision = decide.on_reply(state, item, ctx)
+            elif isinstance(item, CancelSaga):
+                decision = decide.on_cancel(state, item.reason, ctx)
+            else:
+                self._dead_letter(owned, msg, f"{type(item).__name__} does not belong on the inbox", now)
+                return
+        except FoldError as err:  # a decision the state machine refuses: a bug, but never a crash
+            self._dead_letter(owned, msg, f"refused by the state machine: {err}", now)
+            return
+        if decision.ignored:
+            self.stats["ignored"] += 1
+            log.debug("%s", decision.ignored)
+            if isinstance(item, ParticipantReply) and "has no step" in decision.ignored:
+                self._dead_letter(owned, msg, decision.ignored, now)
+            return
+        if isinstance(item, StartSaga):
+            self.stats["started"] += 1
+        self._apply(owned, decision, now)
+
+    def _fire_timers(self, owned: Owned, now: int) -> None:
+        timers = owned.timers
+        while timers and timers[0][0] <= now:
+            _, saga_id = heapq.heappop(timers)
+            state = owned.live.get(saga_id)
+            if state is None:
+                continue
+            try:
+                decision = decide.on_time(state, self._ctx(owned, now))
+            except FoldError as err:
+                log.error("timer for saga %s refused by the state machine: %s", saga_id, err)
+                continue
+            self._apply(owned, decision, now)
+
+    def _apply(self, owned: Owned, decision: decide.Decision, now: int) -> None:
+        state = decision.state
+        assert state is not None
+        out = owned.outbox
+        key = state.saga_id.encode()
+        for record in decision.records:
+            out.log.append((key, self.codec.encode(record)))
+        self._after_decision(owned, state, decision.commands, now)
+
+    def _after_decision(self, owned: Owned, state: SagaState, commands: list[tuple[str, ParticipantCommand]], now: int) -> None:
+        """Keep memory in line with the new state: send what is due, arm the next timer."""
+        saga_id = state.saga_id
+        if state.status.terminal:
+            owned.live.pop(saga_id, None)
+            owned.sent.pop(saga_id, None)
+            owned.finished[saga_id] = state.updated_ms
+            self.stats["completed" if state.status.value == "COMPLETED" else "aborted"] += 1
+            return
+        owned.live[saga_id] = state
+        sent = owned.sent.setdefault(saga_id, set())
+        key = saga_id.encode()
+        # The decision's own commands, then anything the log says is due but not sent by us yet
+        # (after a takeover: everything in flight; after a backoff: the delayed retry).
+        for participant, command in chain(commands, decide.outstanding_commands(state, self._ctx(owned, now))):
+            marker = (command.command_id, command.attempt)
+            if marker in sent:
+                continue
+            sent.add(marker)
+            owned.outbox.commands.append((self.topics.commands(participant), key, self.codec.encode(command)))
+        wake = decide.next_wakeup_ms(state, now)
+        if wake is not None:
+            heapq.heappush(owned.timers, (max(wake, now + 1), saga_id))
+
+    def _dead_letter(self, owned: Owned, msg: Message, reason: DecodeError | str, now: int) -> None:
+        self.stats["dead_lettered"] += 1
+        log.warning("dead-lettering %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+        letter = DeadLetter(
+            source_topic=msg.topic(),
+            source_partition=msg.partition(),
+            source_offset=msg.offset(),
+            key=msg.key(),
+            value=msg.value(),
+            reason=str(reason),
+            error_type=type(reason).__name__ if not isinstance(reason, str) else "Rejected",
+            component=f"manager:{self.settings.instance_id}",
+            dead_lettered_ms=now,
+        )
+        try:
+            owned.outbox.dead.append(self.codec.encode(letter))
+        except DecodeError:  # the original is too large to keep whole: keep the reason and position
+            owned.outbox.dead.append(self.codec.encode(letter.model_copy(update={"value": None})))
+
+    # --- the one write path -----------------------------------------------------------------
+
+    def _commit(self, p: int, owned: Owned) -> None:
+        """Write the partition's outbox in one transaction, with the inbox offset it consumed up to."""
+        out, owned.outbox = owned.outbox, Outbox()
+        producer = owned.producer
+        try:
+            producer.begin_transaction()
+            for key, value in out.log:
+                producer.produce(self.topics.log, value=value, key=key, partition=p)
+            for topic, key, value in out.commands:
+                producer.produce(topic, value=value, key=key)
+            for value in out.dead:
+                producer.produce(self.topics.dead_letters, value=value)
+            if out.next_inbox_offset is not None:
+                producer.send_offsets_to_transaction(
+                    [TopicPartition(self.topics.inbox, p, out.next_inbox_offset)],
+                    self.consumer.consumer_group_metadata(),
+                    10,
+                )
+            producer.commit_transaction(30)
+        except (KafkaException, BufferError) as err:
+            mapped = translate(err, f"writing partition {p}") if isinstance(err, KafkaException) else BrokerError(str(err), retryable=True)
+            if isinstance(mapped, Fenced):
+                log.warning("partition %d: %s", p, mapped)
+                self._release(p)
+                return
+            log.error("partition %d: transaction failed (%s); taking it over again from the log", p, mapped)
+            self._recover(p)
+
+    def _recover(self, p: int) -> None:
+        """After a failed transaction: rebuild from the log and re-read the inbox from the committed offset."""
+        self._release(p)
+        try:
+            committed = self.consumer.committed([TopicPartition(self.topics.inbox, p)], timeout=10)
+            if committed[0].offset >= 0:
+                self.consumer.seek(committed[0])
+            else:
+                self.consumer.seek(TopicPartition(self.topics.inbox, p, OFFSET_BEGINNING))
+            self._take_over(p)
+        except (KafkaException, BrokerError) as err:
+            log.error("partition %d could not be recovered now (%s); it is retried at the next rebalance", p, err)
