@@ -1,0 +1,111 @@
+"""Reading the saga log from outside a manager: for queries, tests, the demo and the benchmark.
+
+A reader never joins the managers' group and never commits offsets: it ``assign()``s log
+partitions and reads them up to the end it saw when it started (read_committed, so only what
+managers committed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from sagalog.codec import Codec
+from sagalog.config import Topics
+from sagalog.errors import BrokerError, DecodeError
+from sagalog.fold import PartitionFold, SagaState
+from sagalog.kafka import ClientOverrides, reader_config, translate
+from sagalog.records import Frozen
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    partition: int
+    offset: int
+    key: bytes | None
+    item: Frozen | DecodeError | None  # None: a tombstone
+    timestamp_ms: int
+
+
+def scan(
+    bootstrap: str,
+    topics: Topics,
+    *,
+    partitions: Iterable[int] | None = None,
+    start_offsets: dict[int, int] | None = None,
+    codec: Codec | None = None,
+    overrides: ClientOverrides | None = None,
+    timeout_s: float = 60.0,
+) -> Iterator[LogEntry]:
+    """Every record of the log (or of some partitions, from given offsets) up to its current end."""
+    codec = codec or Codec()
+    consumer = Consumer(reader_config(bootstrap, overrides))
+    try:
+        try:
+            meta = consumer.list_topics(topics.log, timeout=10)
+        except KafkaException as err:
+            raise translate(err, f"reading {topics.log}") from err
+        topic = meta.topics.get(topics.log)
+        if topic is None or topic.error is not None:
+            raise BrokerError(f"topic {topics.log} does not exist; create it with 'saga topics create'")
+        wanted = sorted(topic.partitions) if partitions is None else sorted(partitions)
+        ends: dict[int, int] = {}
+        assignment = []
+        for p in wanted:
+            start = (start_offsets or {}).get(p, OFFSET_BEGINNING)
+            low, high = consumer.get_watermark_offsets(TopicPartition(topics.log, p), timeout=10)
+            first = low if start == OFFSET_BEGINNING else start
+            if high > first:
+                ends[p] = high
+                assignment.append(TopicPartition(topics.log, p, start))
+        if not assignment:
+            return
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading {topics.log} did not reach its end within {timeout_s:g}s", retryable=True)
+            for msg in consumer.consume(10000, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        ends.pop(msg.partition(), None)
+                        continue
+                    raise translate(err, f"reading {topics.log}")
+                p = msg.partition()
+                if p not in ends:
+                    continue
+                value = msg.value()
+                try:
+                    item: Frozen | DecodeError | None = None if value is None else codec.decode(value)
+                except DecodeError as bad:
+                    item = bad.at(topics.log, p, msg.offset())
+                yield LogEntry(p, msg.offset(), msg.key(), item, msg.timestamp()[1])
+                if msg.offset() >= ends[p] - 1:
+                    ends.pop(p)
+            if ends:  # control records (transaction markers) take offsets but are never delivered
+                for tp in consumer.position([TopicPartition(topics.log, p) for p in ends]):
+                    if tp.offset >= ends[tp.partition]:
+                        ends.pop(tp.partition)
+    finally:
+        consumer.close()
+
+
+def fold_log(bootstrap: str, topics: Topics, **kwargs: object) -> dict[int, PartitionFold]:
+    """Fold the whole log, partition by partition, exactly as a manager does on takeover."""
+    folds: dict[int, PartitionFold] = {}
+    for entry in scan(bootstrap, topics, **kwargs):  # type: ignore[arg-type]
+        fold = folds.setdefault(entry.partition, PartitionFold(partition=entry.partition))
+        fold.apply(entry.key, entry.item, entry.offset)  # type: ignore[arg-type]
+    return folds
+
+
+def saga_states(bootstrap: str, topics: Topics, **kwargs: object) -> dict[str, SagaState]:
+    """The current state of every saga on the log."""
+    out: dict[str, SagaState] = {}
+    for fold in fold_log(bootstrap, topics, **kwargs).values():
+        out.update(fold.sagas)
+    return out
