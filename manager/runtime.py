@@ -76,6 +76,9 @@ class ManagerSettings(BaseModel):
     #: Finished sagas are tombstoned (removed from the compacted log) this long after they end.
     finished_retention_s: float = 7 * 24 * 3600
     max_batch: int = 2000
+    #: After a takeover, no deadline fires until the inbox has been read up to where it ended at
+    #: takeover (replies that arrived while the partition had no owner count), or this long.
+    takeover_catch_up_max_ms: int = 15000
     max_poll_wait_s: float = 0.05
 
 
@@ -104,6 +107,9 @@ class Owned:
     timers: list[tuple[int, str]] = field(default_factory=list)  # heap of (wake at ms, saga id)
     sent: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # saga id -> {(command id, attempt)}
     outbox: Outbox = field(default_factory=Outbox)
+    #: Timers wait until the inbox is read up to here (its end at takeover) or until ``catch_up_by``.
+    catch_up_to: int = 0
+    catch_up_by: int = 0
 
 
 class Manager:
@@ -218,6 +224,11 @@ class Manager:
             else:
                 owned.live[saga_id] = state
                 self._after_decision(owned, state, [], now)  # re-sends outstanding commands, arms timers
+        try:
+            _, owned.catch_up_to = self.consumer.get_watermark_offsets(TopicPartition(self.topics.inbox, p), timeout=10)
+        except KafkaException as err:
+            raise translate(err, f"reading the end of inbox partition {p}") from err
+        owned.catch_up_by = now + self.settings.takeover_catch_up_max_ms
         self.owned[p] = owned
         self._commit(p, owned)
         self.stats["takeovers"] += 1
@@ -243,7 +254,7 @@ class Manager:
             while not done:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"replaying log partition {p} did not reach offset {high} in 300 s", retryable=True)
-                for msg in self.reader.consume(5000, 0.5):
+                for msg in self.reader.consume(5000, 0.05):
                     err = msg.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
@@ -334,8 +345,21 @@ class Manager:
             self.stats["started"] += 1
         self._apply(owned, decision, now)
 
+    def _caught_up(self, owned: Owned, now: int) -> bool:
+        """Has the inbox been read to where it ended at takeover? Until then deadlines wait: a reply
+        that arrived while the partition had no owner must win over a timeout."""
+        if owned.catch_up_to <= 0:
+            return True
+        position = self.consumer.position([TopicPartition(self.topics.inbox, owned.partition)])[0].offset
+        if position >= owned.catch_up_to or now >= owned.catch_up_by:
+            owned.catch_up_to = 0
+            return True
+        return False
+
     def _fire_timers(self, owned: Owned, now: int) -> None:
         timers = owned.timers
+        if not timers or timers[0][0] > now or not self._caught_up(owned, now):
+            return
         while timers and timers[0][0] <= now:
             _, saga_id = heapq.heappop(timers)
             state = owned.live.get(saga_id)

@@ -166,7 +166,6 @@ CREATE TABLE IF NOT EXISTS saga_consumer_offsets (
 class _SqliteTransaction(StoreTransaction):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self._savepoints = 0
 
     @property
     def handle(self) -> sqlite3.Connection:
@@ -174,16 +173,15 @@ class _SqliteTransaction(StoreTransaction):
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        self._savepoints += 1
-        name = f"msg{self._savepoints}"
-        self._conn.execute(f"SAVEPOINT {name}")
+        # One fixed name: savepoints here never nest, and constant SQL stays in the statement cache.
+        self._conn.execute("SAVEPOINT handler")
         try:
             yield
         except BaseException:
-            self._conn.execute(f"ROLLBACK TO {name}")
-            self._conn.execute(f"RELEASE {name}")
+            self._conn.execute("ROLLBACK TO handler")
+            self._conn.execute("RELEASE handler")
             raise
-        self._conn.execute(f"RELEASE {name}")
+        self._conn.execute("RELEASE handler")
 
     def journal(self, saga_id: str, step: str) -> dict[Action, JournalEntry]:
         rows = self._conn.execute(

@@ -6,6 +6,7 @@ Nothing else in the project should catch ``KafkaException``: call :func:`transla
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,8 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from sagalog.errors import BrokerError, BrokerUnavailable, Fenced
+
+_RDKAFKA_LOG = logging.getLogger("saga.rdkafka")
 
 #: Client settings passed through from the CLI (``-X key=value``) for SASL/TLS clusters.
 ClientOverrides = Mapping[str, Any]
@@ -47,7 +50,12 @@ def translate(err: KafkaException | KafkaError, doing: str) -> BrokerError:
 
 
 def _base(bootstrap: str, overrides: ClientOverrides | None) -> dict[str, Any]:
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        # librdkafka's own log goes through Python logging, not raw stderr: a broker that is down
+        # otherwise prints ~20 connection errors a second over the CLI's one-line message.
+        "logger": _RDKAFKA_LOG,
+    }
     config.update(overrides or {})
     return config
 

@@ -45,7 +45,7 @@ def scan(
     consumer = Consumer(reader_config(bootstrap, overrides))
     try:
         try:
-            meta = consumer.list_topics(topics.log, timeout=10)
+            meta = consumer.list_topics(timeout=10)  # never name one topic: some brokers then create it
         except KafkaException as err:
             raise translate(err, f"reading {topics.log}") from err
         topic = meta.topics.get(topics.log)
@@ -68,7 +68,7 @@ def scan(
         while ends:
             if time.monotonic() > deadline:
                 raise BrokerError(f"reading {topics.log} did not reach its end within {timeout_s:g}s", retryable=True)
-            for msg in consumer.consume(10000, 0.2):
+            for msg in consumer.consume(10000, 0.05):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:

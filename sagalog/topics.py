@@ -14,6 +14,7 @@ starting together): a topic that another process created in between counts as su
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -53,6 +54,18 @@ Role = str  # "log", "inbox", "dead-letters" or "commands:<participant>"
 Action = Literal["created", "verified"]
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_RDKAFKA_LOG = logging.getLogger("sagalog.rdkafka")
+
+
+def quiet_client(overrides: ClientOverrides | None = None) -> dict[str, object]:
+    """Client settings that keep librdkafka from printing to stderr, plus ``overrides``.
+
+    Without a logger librdkafka writes every failed connection attempt straight to stderr
+    (about 20 lines a second while a broker is down), burying the one-line error the CLI
+    prints. With a logger its messages are queued for ``poll()``, which these short-lived
+    admin clients never call: the exception we raise says what went wrong instead.
+    """
+    return {"logger": _RDKAFKA_LOG, **(overrides or {})}
 
 
 @dataclass(frozen=True)
@@ -111,11 +124,13 @@ def _wanted(topics: Topics, participants: Iterable[str]) -> dict[str, Role]:
     return wanted
 
 
-def _admin(admin_or_bootstrap: AdminClient | str, overrides: ClientOverrides | None, timeout_s: float) -> AdminClient:
+def _admin(
+    admin_or_bootstrap: AdminClient | str, overrides: ClientOverrides | None, timeout_s: float
+) -> AdminClient:
     if isinstance(admin_or_bootstrap, str):
         # A clear "nothing answered at X, start one with 'saga broker'" beats a timeout later.
-        check_reachable(admin_or_bootstrap, timeout_s=timeout_s, overrides=overrides)
-        return admin_client(admin_or_bootstrap, overrides)
+        check_reachable(admin_or_bootstrap, timeout_s=timeout_s, overrides=quiet_client(overrides))
+        return admin_client(admin_or_bootstrap, quiet_client(overrides))
     return admin_or_bootstrap
 
 
@@ -156,9 +171,7 @@ def _policy_set(policy: str) -> set[str]:
     return {part.strip() for part in policy.split(",") if part.strip()}
 
 
-def _check_shape(
-    topics: Topics, counts: Mapping[str, int], log_policy: str | None, requested: int
-) -> None:
+def _check_shape(topics: Topics, counts: Mapping[str, int], log_policy: str | None, requested: int) -> None:
     """Raise TopicMismatch if existing log/inbox break co-partitioning or compaction."""
     log_n, inbox_n = counts.get(topics.log), counts.get(topics.inbox)
     if log_n is not None and inbox_n is not None and log_n != inbox_n:
@@ -314,9 +327,7 @@ def describe(
     ours = {topics.log, topics.inbox, topics.dead_letters}
     command_prefix = topics.commands("")
     counts = _partition_counts(admin, timeout_s)
-    return {
-        name: n for name, n in sorted(counts.items()) if name in ours or name.startswith(command_prefix)
-    }
+    return {name: n for name, n in sorted(counts.items()) if name in ours or name.startswith(command_prefix)}
 
 
 def partition_count(

@@ -109,6 +109,7 @@ class ScriptedParticipant:
     topics: Topics
     participants: list[str]
     behaviour: Behaviour = succeed
+    delay_s: float = 0.0  # replies leave this long after the command arrived (keeps sagas in flight)
     received: list[ParticipantCommand] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -125,16 +126,22 @@ class ScriptedParticipant:
         consumer = Consumer(consumer_config(self.bootstrap, f"{self.topics.prefix}-scripted", session_timeout_ms=6000))
         consumer.subscribe([self.topics.commands(p) for p in self.participants])
         producer = Producer(producer_config(self.bootstrap))
+        held: list[tuple[float, ParticipantCommand, ParticipantReply]] = []
         try:
             while not self._stop.is_set():
-                for msg in consumer.consume(500, 0.05):
+                for msg in consumer.consume(500, 0.02):
                     if msg.error():
                         continue
                     cmd = CODEC.decode(msg.value())
                     assert isinstance(cmd, ParticipantCommand)
                     self.received.append(cmd)
-                    for reply in self.behaviour(cmd):
-                        producer.produce(cmd.reply_topic, CODEC.encode(reply), key=cmd.saga_id.encode(), partition=cmd.reply_partition)
+                    due = time.monotonic() + self.delay_s
+                    held.extend((due, cmd, reply) for reply in self.behaviour(cmd))
+                now = time.monotonic()
+                ready = [h for h in held if h[0] <= now]
+                held = [h for h in held if h[0] > now]
+                for _, cmd, reply in ready:
+                    producer.produce(cmd.reply_topic, CODEC.encode(reply), key=cmd.saga_id.encode(), partition=cmd.reply_partition)
                 producer.poll(0)
         finally:
             producer.flush(5)

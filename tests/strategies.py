@@ -88,7 +88,12 @@ EVENTS: dict[type, st.SearchStrategy[Any]] = {
     ),
     SagaAborting: st.builds(SagaAborting, reason=TEXT, failed_step=OPT_TEXT),
     CompensationBegun: st.builds(
-        CompensationBegun, step=TEXT, attempt=INT32, dispatch_at_ms=INT64, deadline_ms=INT64, last_error=OPT_TEXT
+        CompensationBegun,
+        step=TEXT,
+        attempt=INT32,
+        dispatch_at_ms=INT64,
+        deadline_ms=INT64,
+        last_error=OPT_TEXT,
     ),
     CompensationEnded: st.builds(CompensationEnded, step=TEXT, output=OPT_TEXT),
     SagaAborted: st.builds(SagaAborted, reason=TEXT),
@@ -227,7 +232,9 @@ def _may_have_effect(state: SagaState, definition: SagaDefinition, name: str) ->
     step = state.step(name)
     if step.status is StepStatus.RUNNING:  # in flight: effect unknown, and it can no longer end
         return True
-    return step.status in (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT) and definition.by_name[name].compensable
+    return (
+        step.status in (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT) and definition.by_name[name].compensable
+    )
 
 
 @st.composite
@@ -252,14 +259,20 @@ def saga_histories(
     first, state = begin(sid, definition, draw(JSON_TEXT), now, epoch)
     history = [
         SagaLogRecord(
-            saga_id=sid, seq=1, epoch=epoch, timestamp_ms=now, event=first, snapshot=state.snapshot(), writer=writer
+            saga_id=sid,
+            seq=1,
+            epoch=epoch,
+            timestamp_ms=now,
+            event=first,
+            snapshot=state.snapshot(),
+            writer=writer,
         )
     ]
 
     def emit(make: Any) -> None:
         nonlocal state, now, epoch
         now += draw(st.integers(0, 10_000))
-        if draw(st.integers(0, 9)) == 0:
+        if draw(st.integers(0, 9)) == 9:
             epoch += draw(st.integers(1, 3))  # another manager took the partition over
         event = make(now)
         state = apply(state, event, now, epoch)
@@ -310,15 +323,13 @@ def saga_histories(
                 moves.append(("end", None))
             else:
                 for n, s in steps.items():
-                    spec = definition.by_name[n]
                     if s.status is StepStatus.PENDING and all(
                         steps[d].status is StepStatus.SUCCEEDED for d in definition.dependencies(n)
                     ):
                         moves.append(("begin", n))
                     elif s.status is StepStatus.RUNNING:
-                        moves += [("succeed", n), ("fail", n)]
-                        moves.append(("retry", n) if s.attempt < spec.retry.attempts else ("time_out", n))
-                if draw(st.integers(0, 11)) == 0:
+                        moves.append(("reply", n))
+                if draw(st.integers(0, 11)) == 11:
                     moves = [("cancel", None)]
         else:  # COMPENSATING
             to_compensate = {n for n in steps if _may_have_effect(state, definition, n)}
@@ -335,16 +346,28 @@ def saga_histories(
                 moves.append(("aborted", None))
         assert moves, f"history driver stuck at {state!r}"
         kind, name = draw(st.sampled_from(moves))
+        if kind == "reply":  # the outcome of a running attempt: mostly success (shrinks towards it)
+            roll = draw(st.integers(0, 9))
+            last = state.step(name).attempt >= definition.by_name[name].retry.attempts
+            kind = "succeed" if roll < 7 else "fail" if roll == 7 else "time_out" if last else "retry"
         if kind == "begin":
             emit(begin_step(name, None))
         elif kind == "retry":
             emit(begin_step(name, draw(st.sampled_from(["timed out", "RETRYABLE_ERROR: "]) | TEXT)))
         elif kind == "succeed":
             output = draw(JSON_TEXT)
-            emit(lambda now, name=name, output=output: StepEnded(step=name, outcome=StepOutcome.SUCCEEDED, output=output))
+            emit(
+                lambda now, name=name, output=output: StepEnded(
+                    step=name, outcome=StepOutcome.SUCCEEDED, output=output
+                )
+            )
         elif kind == "fail":
             error = draw(TEXT)
-            emit(lambda now, name=name, error=error: StepEnded(step=name, outcome=StepOutcome.FAILED, error=error))
+            emit(
+                lambda now, name=name, error=error: StepEnded(
+                    step=name, outcome=StepOutcome.FAILED, error=error
+                )
+            )
         elif kind == "time_out":
             emit(lambda now, name=name: StepEnded(step=name, outcome=StepOutcome.TIMED_OUT, error="no reply"))
         elif kind == "abort":
@@ -389,26 +412,27 @@ def partition_logs(draw: st.DrawFn, max_sagas: int = 4, partition: int = 0) -> l
     epoch = draw(st.integers(0, 1000))
     out: list[Message] = []
     if draw(st.booleans()):
-        out.append((PartitionClaim.key(partition), PartitionClaim(partition=partition, epoch=epoch, owner="m0", timestamp_ms=0)))
+        out.append(
+            (
+                PartitionClaim.key(partition),
+                PartitionClaim(partition=partition, epoch=epoch, owner="m0", timestamp_ms=0),
+            )
+        )
     tombstones: list[bytes] = []
     while pending or tombstones:
         roll = draw(st.integers(0, 19))
-        if roll == 0:
+        if roll == 19:
             epoch += 1
             claim = PartitionClaim(partition=partition, epoch=epoch, owner=f"m{epoch}", timestamp_ms=epoch)
             out.append((PartitionClaim.key(partition), claim))
-            continue
-        if roll == 1 and tombstones:
+        elif tombstones and (roll == 18 or not pending):
             out.append((tombstones.pop(0), None))
-            continue
-        if not pending:
-            tombstones.clear()
-            continue
-        history = draw(st.sampled_from(pending))
-        record = history.pop(0).model_copy(update={"epoch": epoch})
-        out.append((record.saga_id.encode(), record))
-        if not history:
-            pending.remove(history)
-            if draw(st.booleans()):
-                tombstones.append(record.saga_id.encode())
+        elif pending:
+            history = draw(st.sampled_from(pending))
+            record = history.pop(0).model_copy(update={"epoch": epoch})
+            out.append((record.saga_id.encode(), record))
+            if not history:
+                pending.remove(history)
+                if draw(st.booleans()):
+                    tombstones.append(record.saga_id.encode())
     return out

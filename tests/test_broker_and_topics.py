@@ -23,14 +23,14 @@ from sagalog.cli import cli
 from sagalog.config import Topics
 from sagalog.errors import BrokerError, BrokerUnavailable, ConfigError, TopicMismatch
 from sagalog.kafka import check_reachable
-from sagalog.topics import describe, ensure_topics, partition_count
+from sagalog.topics import describe, ensure_topics, partition_count, quiet_client
 
 # -- helpers ------------------------------------------------------------------------------
 
 
 def create_raw(bootstrap: str, topics: dict[str, tuple[int, dict[str, str]]]) -> None:
     """Create topics behind ensure_topics' back, to set up pre-existing (possibly wrong) shapes."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **quiet_client()})
     futures = admin.create_topics(
         [NewTopic(name, n, 1, config=config) for name, (n, config) in topics.items()], request_timeout=10
     )
@@ -70,7 +70,7 @@ def test_ensure_topics_creates_then_verifies(bootstrap, make_topics):
     assert [r.partitions for r in second.results] == [3, 3, 3, 3]
 
     # The log's settings as the broker reports them, not as we remember them.
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **quiet_client()})
     [future] = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topics.log)]).values()
     assert future.result()["cleanup.policy"].value == "compact"
 
@@ -79,7 +79,7 @@ def test_topic_created_by_someone_else_in_between_counts_as_verified(bootstrap, 
     """TOPIC_ALREADY_EXISTS (lost creation race) is success, and the topic is still verified."""
     topics = make_topics(create=False)
     create_raw(bootstrap, {topics.log: (2, {"cleanup.policy": "compact"}), topics.inbox: (2, {})})
-    real = AdminClient({"bootstrap.servers": bootstrap})
+    real = AdminClient({"bootstrap.servers": bootstrap, **quiet_client()})
 
     class StaleFirstListing:
         """Answers the first metadata request as if the topics did not exist yet."""
@@ -233,8 +233,19 @@ def _read_lines(stream, lines: queue.Queue[str]) -> None:
 def test_saga_broker_command_serves_until_signalled(stop_signal):
     prefix = short_prefix()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sagalog.cli", "broker", "--port", "0", "--create-topics",
-         "--partitions", "3", "--topic-prefix", prefix],
+        [
+            sys.executable,
+            "-m",
+            "sagalog.cli",
+            "broker",
+            "--port",
+            "0",
+            "--create-topics",
+            "--partitions",
+            "3",
+            "--topic-prefix",
+            prefix,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -290,15 +301,37 @@ def test_saga_topics_create_and_describe(bootstrap):
     prefix = short_prefix()
     topics = Topics(prefix=prefix)
 
-    first = invoke("topics", "create", "-b", bootstrap, "--topic-prefix", prefix,
-                   "--partitions", "3", "--participant", "pay", "-X", "client.id=saga-test")
+    first = invoke(
+        "topics",
+        "create",
+        "-b",
+        bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--partitions",
+        "3",
+        "--participant",
+        "pay",
+        "-X",
+        "client.id=saga-test",
+    )
     assert first.exit_code == 0, first.output
     for name in all_names(topics, "pay"):
         assert name in first.stdout
     assert first.stdout.count("created") == 4
 
-    again = invoke("topics", "create", "-b", bootstrap, "--topic-prefix", prefix,
-                   "--partitions", "3", "--participant", "pay")
+    again = invoke(
+        "topics",
+        "create",
+        "-b",
+        bootstrap,
+        "--topic-prefix",
+        prefix,
+        "--partitions",
+        "3",
+        "--participant",
+        "pay",
+    )
     assert again.exit_code == 0, again.output
     assert again.stdout.count("verified") == 4 and "created" not in again.stdout
 
@@ -309,7 +342,10 @@ def test_saga_topics_create_and_describe(bootstrap):
 
 def test_saga_topics_errors_are_one_line_without_traceback(bootstrap):
     prefix = short_prefix()
-    assert invoke("topics", "create", "-b", bootstrap, "--topic-prefix", prefix, "--partitions", "3").exit_code == 0
+    assert (
+        invoke("topics", "create", "-b", bootstrap, "--topic-prefix", prefix, "--partitions", "3").exit_code
+        == 0
+    )
 
     cases = {
         # A shape conflict is a user mistake: exit 2.

@@ -14,16 +14,22 @@ from sagalog.cli.common import prefix_option
 
 @cli.command("broker")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=9092, show_default=True, type=int, help="Port to listen on (0: pick a free one).")
+@click.option(
+    "--port", default=9092, show_default=True, type=int, help="Port to listen on (0: pick a free one)."
+)
 @click.option(
     "--advertised-host",
     default=None,
     help="Host name clients are told to connect to (default: --host, or 127.0.0.1 for 0.0.0.0).",
 )
-@click.option("--log-file", type=click.Path(dir_okay=False), default=None, help="Write the broker's output here.")
+@click.option(
+    "--log-file", type=click.Path(dir_okay=False), default=None, help="Write the broker's output here."
+)
 @click.option("--create-topics", is_flag=True, help="Also create the saga topics once the broker is up.")
 @click.option("--partitions", default=6, show_default=True, type=int, help="Partitions of the log and inbox.")
-@click.option("--participant", "participants", multiple=True, help="Create this participant's command topic too.")
+@click.option(
+    "--participant", "participants", multiple=True, help="Create this participant's command topic too."
+)
 @prefix_option
 def broker_command(
     host: str,
@@ -62,7 +68,9 @@ def broker_command(
                     partitions=partitions,
                     participants=participants,
                 )
-                click.echo(f"topics ready: {', '.join(r.name for r in report.results)} ({partitions} partitions)")
+                click.echo(
+                    f"topics ready: {', '.join(r.name for r in report.results)} ({partitions} partitions)"
+                )
 
             # Wake up on a signal or when the broker dies on its own, whichever comes first.
             threading.Thread(target=lambda: (broker.wait(), stop.set()), daemon=True).start()

@@ -48,7 +48,11 @@ def topics_group() -> None:
 @click.option("--partitions", default=6, show_default=True, type=int, help="Partitions of the log and inbox.")
 @click.option("--replication", default=1, show_default=True, type=int, help="Replication factor.")
 @click.option(
-    "--participant", "participants", multiple=True, metavar="NAME", help="Create NAME's command topic (repeatable)."
+    "--participant",
+    "participants",
+    multiple=True,
+    metavar="NAME",
+    help="Create NAME's command topic (repeatable).",
 )
 @bootstrap_option
 @prefix_option
@@ -89,7 +93,9 @@ def create_command(
             status += " [yellow](warning)[/]"
         table.add_row(result.name, result.role, str(result.partitions), result.cleanup_policy, status)
     console = Console()
-    console.print(f"topics with prefix {topic_prefix!r} at {bootstrap_servers}:", markup=False, highlight=False)
+    console.print(
+        f"topics with prefix {topic_prefix!r} at {bootstrap_servers}:", markup=False, highlight=False
+    )
     console.print(table)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
@@ -123,7 +129,9 @@ def describe_command(
         if name not in (topics.log, topics.inbox, topics.dead_letters):
             table.add_row(name, str(count))
     console = Console()
-    console.print(f"topics with prefix {topic_prefix!r} at {bootstrap_servers}:", markup=False, highlight=False)
+    console.print(
+        f"topics with prefix {topic_prefix!r} at {bootstrap_servers}:", markup=False, highlight=False
+    )
     console.print(table)
     log_n, inbox_n = counts.get(topics.log), counts.get(topics.inbox)
     if log_n is not None and inbox_n is not None and log_n != inbox_n:

@@ -1,0 +1,39 @@
+"""Participants: the Python SDK for services that take part in sagas, and example services.
+
+A participant consumes commands from ``<prefix>.commands.<name>``, applies each one at most
+once in a local transaction, and answers on the topic and partition the command names. Any
+service in any language can do the same by following ``docs/CONTRACT.md``; this SDK is the
+Python implementation of that contract.
+"""
+
+from participants.sdk import (
+    ANY_STEP,
+    CRASH_AFTER_COMMIT_ENV,
+    BusinessFailure,
+    Decision,
+    Handler,
+    OutboxRelay,
+    Participant,
+    StepContext,
+    Verdict,
+    decide,
+)
+from participants.store import JournalEntry, OutboxRow, ParticipantStore, SqliteStore, StoreTransaction
+
+__all__ = [
+    "ANY_STEP",
+    "CRASH_AFTER_COMMIT_ENV",
+    "BusinessFailure",
+    "Decision",
+    "Handler",
+    "JournalEntry",
+    "OutboxRelay",
+    "OutboxRow",
+    "Participant",
+    "ParticipantStore",
+    "SqliteStore",
+    "StepContext",
+    "StoreTransaction",
+    "Verdict",
+    "decide",
+]

@@ -1,0 +1,777 @@
+"""The participant SDK: turn saga commands into local transactions and replies, exactly once in effect.
+
+A participant declares one handler per step and action::
+
+    p = Participant("flights", topics=Topics("saga"), bootstrap="127.0.0.1:9092",
+                    store=SqliteStore("flights.db", setup=create_tables))
+
+    @p.execute("book-flight")
+    def book(ctx: StepContext, tx: sqlite3.Connection) -> dict:
+        ...                                   # business writes through tx; raise BusinessFailure to refuse
+        return {"booking": "FL-1"}
+
+    @p.compensate("book-flight")
+    def cancel(ctx: StepContext, tx: sqlite3.Connection) -> None:
+        ...
+
+    p.run()                                   # until p.stop() (the CLI calls it on SIGTERM/SIGINT)
+
+What the SDK guarantees, and how (see ``docs/CONTRACT.md`` for the wire side):
+
+* **One local transaction per poll batch.** For every command of the batch, the handler's
+  business writes (inside a SAVEPOINT, undone if it raises), the journal row, the reply (in
+  the outbox) and the next command offset commit together. A crash anywhere leaves either
+  all of them or none.
+* **Idempotency.** The journal maps ``(saga_id, step, action)`` to the final reply; a repeated
+  command gets the recorded reply again and the handler does not run again.
+* **Order tolerance.** A compensate that arrives before its execute is recorded as done (the
+  handler is not called) and the late execute is refused: nothing stays reserved.
+* **Fencing.** The highest manager epoch seen per saga is kept; commands with a lower one
+  (from a zombie manager) are refused without effect.
+* **Outbox relay.** Replies leave through an idempotent producer after the commit; rows are
+  deleted once acknowledged, and rows left behind by a crash are sent at the next start.
+  Since the command offsets live in the same database, a participant killed between its
+  commit and the publish sends each reply once after restart and never re-runs the command.
+* **Bad input never stops it.** Undecodable commands, and commands for steps it has no
+  handler for, go to the dead-letter topic with the reason.
+
+Rules are a pure function (:func:`decide`), testable without Kafka or a database.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from participants.store import JournalEntry, OutboxRow, ParticipantStore, StoreTransaction
+from sagalog.codec import Codec
+from sagalog.config import Topics
+from sagalog.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    DecodeError,
+    MalformedRecord,
+    SagaError,
+)
+from sagalog.kafka import ClientOverrides, consumer_config, producer_config, translate
+from sagalog.records import Action, DeadLetter, ParticipantCommand, ParticipantReply, ReplyOutcome
+
+_log = logging.getLogger(__name__)
+#: librdkafka's own log lines, routed into logging instead of stderr.
+_kafka_log = logging.getLogger("participants.kafka")
+
+#: Test hook, for the crash test only: when set to 1, the process SIGKILLs itself right after
+#: committing a batch that produced replies and before publishing them, to prove that a
+#: restarted participant sends each of those replies exactly once and re-runs nothing.
+CRASH_AFTER_COMMIT_ENV = "SAGA_PARTICIPANT_CRASH_AFTER_COMMIT"
+
+#: The handler for any step without one of its own (e.g. the no-op participant).
+ANY_STEP = "*"
+
+#: Longest error text put into a reply; the rest is in the participant's log.
+_MAX_ERROR_CHARS = 2000
+
+
+class BusinessFailure(SagaError):
+    """Raise from a handler: this step can never succeed (sold out, over the limit, declined).
+
+    The handler's writes are rolled back. For an execute the failure is final and recorded
+    (every retry of the command gets the same answer) and the manager aborts the saga. For a
+    compensate it is not final: compensations must eventually succeed, so the manager retries.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a handler knows about the command it serves. ``payload``/``outputs`` are parsed JSON."""
+
+    saga_id: str
+    saga_type: str
+    step: str
+    action: Action
+    attempt: int
+    epoch: int
+    command_id: str
+    payload: Any
+    outputs: dict[str, Any]
+    deadline_ms: int
+
+
+#: ``(ctx, tx) -> output``: ``tx`` is the store's handle inside the open transaction
+#: (a ``sqlite3.Connection`` for :class:`~participants.store.SqliteStore`); never commit it.
+Handler = Callable[[StepContext, Any], Any]
+H = TypeVar("H", bound=Handler)
+
+
+# --- the rules, as a pure function ----------------------------------------------------------
+
+
+class Verdict(Enum):
+    RUN = "run"  # call the handler
+    REPLAY = "replay"  # answer with the recorded final reply, do nothing
+    SKIP = "skip"  # a compensate with nothing to undo: record SUCCESS, handler not called
+    REFUSE = "refuse"  # stale epoch, or execute after compensate: REFUSED, no effect
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reason: str | None = None
+    recorded: JournalEntry | None = None
+
+
+def decide(command: ParticipantCommand, journal: Mapping[Action, JournalEntry], max_epoch: int | None) -> Decision:
+    """What to do with a command, given the step's journal and the saga's highest epoch seen.
+
+    Checked in this order: the epoch (a zombie manager's command changes nothing, whatever it
+    is), then the journal (a final reply is answered again; a compensation, once recorded,
+    forbids the execute forever).
+    """
+    if max_epoch is not None and command.epoch < max_epoch:
+        return Decision(Verdict.REFUSE, f"stale epoch {command.epoch}: epoch {max_epoch} was already seen")
+    executed = journal.get(Action.EXECUTE)
+    compensated = journal.get(Action.COMPENSATE)
+    if command.action is Action.EXECUTE:
+        if compensated is not None:
+            return Decision(Verdict.REFUSE, "the step was already compensated: a late execute is refused")
+        if executed is not None:
+            return Decision(Verdict.REPLAY, recorded=executed)
+        return Decision(Verdict.RUN)
+    if compensated is not None:
+        return Decision(Verdict.REPLAY, recorded=compensated)
+    if executed is None:
+        return Decision(Verdict.SKIP, "compensated before execute: nothing was done, the execute will be refused")
+    if executed.outcome is not ReplyOutcome.SUCCESS:
+        return Decision(Verdict.SKIP, "the execute failed: nothing to undo")
+    return Decision(Verdict.RUN)
+
+
+# --- the outbox relay -----------------------------------------------------------------------
+
+
+@dataclass
+class _Flight:
+    row: OutboxRow
+    failures: int = 0
+    dead_lettered: bool = False
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows and reports which ones the broker acknowledged.
+
+    Delivery callbacks run inside ``producer.poll``/``flush``, on the participant's thread, so
+    no locking is needed. Acknowledged row ids are handed back to the participant, which deletes
+    them in its next transaction (no commit of their own). A row that fails with a retriable
+    error is sent again with backoff; one that can never be delivered (e.g. a reply partition
+    that does not exist) is replaced by a dead letter that carries it.
+    """
+
+    def __init__(self, producer: Producer, *, codec: Codec, dead_letters: str, component: str) -> None:
+        self._producer = producer
+        self._codec = codec
+        self._dead_letters = dead_letters
+        self._component = component
+        self._flights: dict[int, _Flight] = {}
+        self._delivered: list[int] = []
+        self._retries: list[tuple[float, int]] = []  # heap of (due, row id)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def publish(self, rows: list[OutboxRow]) -> None:
+        for row in rows:
+            if row.id in self._flights:  # already on its way (startup re-publish after a quick restart)
+                continue
+            self._flights[row.id] = _Flight(row)
+            self._send(row.id)
+
+    def service(self) -> None:
+        """Serve delivery reports and resend rows whose backoff has passed."""
+        self._producer.poll(0)
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            _, row_id = heapq.heappop(self._retries)
+            if row_id in self._flights:
+                self._send(row_id)
+
+    def take_delivered(self) -> list[int]:
+        delivered, self._delivered = self._delivered, []
+        return delivered
+
+    def give_back(self, ids: list[int]) -> None:
+        """Acknowledged ids whose deletion was rolled back: delete them next time."""
+        self._delivered.extend(ids)
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait for outstanding deliveries; return how many rows are still unacknowledged."""
+        deadline = time.monotonic() + timeout_s
+        while self._flights and time.monotonic() < deadline:
+            self._producer.flush(max(0.0, min(0.5, deadline - time.monotonic())))
+            self.service()
+        return len(self._flights)
+
+    def _send(self, row_id: int) -> None:
+        flight = self._flights[row_id]
+        row = flight.row
+        kwargs: dict[str, Any] = {"key": row.key, "value": row.value, "on_delivery": partial(self._on_delivery, row_id)}
+        if row.partition is not None:
+            kwargs["partition"] = row.partition
+        while True:
+            try:
+                self._producer.produce(row.topic, **kwargs)
+                return
+            except BufferError:
+                # The local queue is full: serving delivery reports frees room (waits up to 50 ms).
+                self._producer.poll(0.05)
+            except KafkaException as err:
+                self._failed(row_id, translate(err, f"producing to {row.topic}[{row.partition}]"))
+                return
+
+    def _on_delivery(self, row_id: int, err: KafkaError | None, _msg: Message) -> None:
+        if err is None:
+            if self._flights.pop(row_id, None) is not None:
+                self._delivered.append(row_id)
+            return
+        self._failed(row_id, translate(err, "delivering an outbox row"))
+
+    def _failed(self, row_id: int, error: BrokerError) -> None:
+        flight = self._flights.get(row_id)
+        if flight is None:
+            return
+        flight.failures += 1
+        permanent = not error.retryable and not isinstance(error, BrokerUnavailable)
+        if permanent and not flight.dead_lettered:
+            _log.error("outbox row %d to %s[%s] cannot be delivered (%s): dead-lettering it",
+                       row_id, flight.row.topic, flight.row.partition, error)
+            flight.row = self._as_dead_letter(flight.row, str(error))
+            flight.dead_lettered = True
+            flight.failures = 0
+            self._send(row_id)
+            return
+        delay = min(30.0, 0.1 * 2 ** min(flight.failures - 1, 10))
+        log = _log.warning if flight.failures <= 3 else _log.debug
+        log("outbox row %d to %s[%s] not delivered (%s); retry %d in %.1fs",
+            row_id, flight.row.topic, flight.row.partition, error, flight.failures, delay)
+        heapq.heappush(self._retries, (time.monotonic() + delay, row_id))
+
+    def _as_dead_letter(self, row: OutboxRow, reason: str) -> OutboxRow:
+        letter = DeadLetter(
+            source_topic=row.topic,
+            source_partition=row.partition if row.partition is not None else -1,
+            source_offset=-1,  # never written: the reply itself could not be produced
+            key=row.key,
+            value=row.value,
+            reason=f"reply could not be delivered: {reason}"[:_MAX_ERROR_CHARS],
+            error_type="UndeliverableReply",
+            component=self._component,
+            dead_lettered_ms=_now_ms(),
+        )
+        return OutboxRow(row.id, self._dead_letters, None, row.key, self._codec.encode(letter))
+
+
+# --- the participant ------------------------------------------------------------------------
+
+
+@dataclass
+class _StepHandlers:
+    execute: Handler | None = None
+    compensate: Handler | None = None
+
+
+@dataclass
+class _Stats:
+    """Counters for logs and tests; read them, do not rely on them for correctness."""
+
+    commands: int = 0
+    handler_runs: int = 0
+    replays: int = 0
+    refused: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+    by_outcome: dict[str, int] = field(default_factory=dict)
+
+
+class Participant:
+    """One participant service: a consumer group on its command topic, a store, a relay.
+
+    Not thread-safe except :meth:`stop`, which any thread (or a signal handler) may call.
+    Several instances of one participant may run at once (they share the consumer group); they
+    must share the store too (one SQLite file on one host, or a shared database), because a
+    rebalance moves a saga's partition, and with it the saga's journal, between instances.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        topics: Topics,
+        bootstrap: str,
+        store: ParticipantStore,
+        overrides: ClientOverrides | None = None,
+        session_timeout_ms: int = 6000,
+        max_batch: int = 500,
+        poll_timeout_s: float = 0.2,
+        codec: Codec | None = None,
+        crash_after_commit: bool | None = None,
+    ) -> None:
+        if not name or ANY_STEP in name:
+            raise ConfigError(f"participant name {name!r} is not valid")
+        if max_batch < 1:
+            raise ConfigError("max_batch must be at least 1")
+        self.name = name
+        self.topics = topics
+        self.bootstrap = bootstrap
+        self.store = store
+        self.command_topic = topics.commands(name)
+        self.group_id = f"{topics.prefix}.participant.{name}"
+        self.stats = _Stats()
+        self._overrides = dict(overrides or {})
+        self._session_timeout_ms = session_timeout_ms
+        self._max_batch = max_batch
+        self._poll_timeout_s = poll_timeout_s
+        self._codec = codec or Codec()
+        self._crash_after_commit = (
+            os.environ.get(CRASH_AFTER_COMMIT_ENV) == "1" if crash_after_commit is None else crash_after_commit
+        )
+        self._component = f"participant:{name}@{socket.gethostname()}:{os.getpid()}"
+        self._handlers: dict[tuple[str | None, str], _StepHandlers] = {}
+        self._stopping = threading.Event()
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._relay: OutboxRelay | None = None
+        self._assigned: set[int] = set()
+        self._kafka_offsets: dict[int, int] = {}  # partition -> next offset, not yet committed to Kafka
+        self._last_kafka_commit = 0.0
+        self._failures_in_a_row = 0
+
+    # --- declaring handlers -----------------------------------------------------------
+
+    def execute(self, step: str, *, saga_type: str | None = None) -> Callable[[H], H]:
+        """Decorator: the handler that performs ``step`` (Ti). ``"*"`` matches any step."""
+        return self._register(step, saga_type, Action.EXECUTE)
+
+    def compensate(self, step: str, *, saga_type: str | None = None) -> Callable[[H], H]:
+        """Decorator: the handler that undoes ``step`` (Ci). Must eventually succeed."""
+        return self._register(step, saga_type, Action.COMPENSATE)
+
+    def _register(self, step: str, saga_type: str | None, action: Action) -> Callable[[H], H]:
+        def decorator(fn: H) -> H:
+            handlers = self._handlers.setdefault((saga_type, step), _StepHandlers())
+            slot = "execute" if action is Action.EXECUTE else "compensate"
+            if getattr(handlers, slot) is not None:
+                raise ConfigError(f"{self.name}: a {slot} handler for step {step!r} is already registered")
+            setattr(handlers, slot, fn)
+            return fn
+
+        return decorator
+
+    def handles(self) -> list[str]:
+        """The steps this participant has handlers for (``type:step`` when bound to a saga type)."""
+        return sorted(step if saga_type is None else f"{saga_type}:{step}" for saga_type, step in self._handlers)
+
+    def _handlers_for(self, command: ParticipantCommand) -> _StepHandlers | None:
+        for key in ((command.saga_type, command.step), (None, command.step), (None, ANY_STEP)):
+            found = self._handlers.get(key)
+            if found is not None:
+                return found
+        return None
+
+    # --- running ----------------------------------------------------------------------
+
+    @property
+    def assigned(self) -> frozenset[int]:
+        """Command partitions this instance consumes right now."""
+        return frozenset(self._assigned)
+
+    def run(self) -> None:
+        """Serve commands until :meth:`stop`; then deliver what is committed and leave the group."""
+        self.start()
+        try:
+            while not self._stopping.is_set():
+                self.poll_once()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch (safe from signal handlers and threads)."""
+        self._stopping.set()
+
+    def start(self) -> None:
+        """Open the store, publish replies left by a previous run, join the consumer group."""
+        if not self._handlers:
+            raise ConfigError(f"participant {self.name!r} has no handlers")
+        self.store.open()
+        client_id = f"{self.group_id}:{os.getpid()}"
+        self._producer = Producer(
+            producer_config(self.bootstrap, overrides={"client.id": client_id, **self._overrides}),
+            logger=_kafka_log,
+        )
+        self._relay = OutboxRelay(
+            self._producer, codec=self._codec, dead_letters=self.topics.dead_letters, component=self._component
+        )
+        leftovers = self.store.pending()
+        if leftovers:
+            _log.info("%s: publishing %d replies committed before the last stop", self.name, len(leftovers))
+            self._relay.publish(leftovers)
+        config = consumer_config(
+            self.bootstrap,
+            self.group_id,
+            session_timeout_ms=self._session_timeout_ms,
+            overrides={"client.id": client_id, **self._overrides},
+        )
+        self._consumer = Consumer(config, logger=_kafka_log)
+        self._consumer.subscribe(
+            [self.command_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        _log.info("%s: consuming %s as group %s", self.name, self.command_topic, self.group_id)
+
+    def poll_once(self, timeout_s: float | None = None) -> int:
+        """One iteration of the loop: consume a batch, process it in one transaction, publish.
+
+        Returns how many commands were processed (0 on an idle poll or a failed batch).
+        """
+        consumer, relay = self._require_started()
+        messages = self._consume(consumer, self._poll_timeout_s if timeout_s is None else timeout_s)
+        processed = 0
+        if messages:
+            processed = self._process(messages)
+        else:  # idle: no batch transaction to carry the deletion of acknowledged rows
+            self._forget_delivered()
+        relay.service()
+        self._commit_to_kafka(force=False)
+        return processed
+
+    def close(self) -> None:
+        """Deliver committed replies (bounded wait), commit offsets, leave the group, close the store."""
+        if self._relay is not None:
+            left = self._relay.flush(timeout_s=10.0)
+            if left:
+                _log.warning("%s: %d replies not yet acknowledged; they are sent at the next start", self.name, left)
+            self._forget_delivered()
+        if self._consumer is not None:
+            self._commit_to_kafka(force=True, asynchronous=False)
+            try:
+                self._consumer.close()
+            except KafkaException as err:
+                _log.warning("%s: %s", self.name, translate(err, "leaving the consumer group"))
+            self._consumer = None
+        self._producer = None
+        self._relay = None
+        self.store.close()
+
+    def _require_started(self) -> tuple[Consumer, OutboxRelay]:
+        if self._consumer is None or self._relay is None:
+            raise RuntimeError(f"participant {self.name!r} is not started")
+        return self._consumer, self._relay
+
+    # --- consuming ----------------------------------------------------------------------
+
+    def _consume(self, consumer: Consumer, timeout_s: float) -> list[Message]:
+        # poll() returns as soon as one message is there; consume(n, 0) then takes whatever is
+        # already fetched. (consume(n, timeout) alone waits for n messages or the full timeout.)
+        try:
+            first = consumer.poll(timeout_s)
+            if first is None:
+                return []
+            return [first, *consumer.consume(self._max_batch - 1, 0)] if self._max_batch > 1 else [first]
+        except KafkaException as err:
+            raise translate(err, f"consuming {self.command_topic}") from err
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # SQLite is the source of truth for where to resume: it was committed with the effects.
+        # Partitions it has never seen resume at Kafka's committed offset (or the earliest).
+        stored = self.store.offsets(self.command_topic)
+        for tp in partitions:
+            if tp.partition in stored:
+                tp.offset = stored[tp.partition]
+        consumer.assign(partitions)
+        self._assigned |= {tp.partition for tp in partitions}
+        _log.info("%s: assigned %s (resuming at %s)", self.name, sorted(tp.partition for tp in partitions),
+                  {tp.partition: tp.offset for tp in partitions})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Every processed batch is already committed locally; only the monitoring commit remains.
+        self._commit_to_kafka(force=True)
+        revoked = {tp.partition for tp in partitions}
+        self._assigned -= revoked
+        for p in revoked:
+            self._kafka_offsets.pop(p, None)
+        _log.info("%s: revoked %s", self.name, sorted(revoked))
+
+    # --- processing -----------------------------------------------------------------------
+
+    def _process(self, messages: list[Message]) -> int:
+        _, relay = self._require_started()
+        records: list[Message] = []
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                records.append(msg)
+                continue
+            error = translate(err, f"consuming {self.command_topic}")
+            if err.fatal():
+                raise error
+            _log.warning("%s: %s", self.name, error)
+        if not records:
+            return 0
+
+        delivered = relay.take_delivered()
+        outgoing: list[OutboxRow] = []
+        next_offsets: dict[int, int] = {}
+        try:
+            with self.store.transaction() as tx:
+                if delivered:
+                    tx.delete_outbox(delivered)
+                for msg in records:
+                    outgoing.extend(self._handle(tx, msg))
+                    partition, offset = _where(msg)
+                    next_offsets[partition] = offset + 1
+                for partition, offset in next_offsets.items():
+                    tx.save_offset(self.command_topic, partition, offset)
+        except Exception:
+            # The store failed (disk, lock timeout, ...): nothing of this batch happened. Read it
+            # again after a pause; handler errors never get here (they become replies).
+            relay.give_back(delivered)
+            self._rewind(records)
+            self._failures_in_a_row += 1
+            delay = min(5.0, 0.1 * 2 ** min(self._failures_in_a_row - 1, 6))
+            _log.exception("%s: a batch of %d commands could not be committed; retrying in %.1fs",
+                           self.name, len(records), delay)
+            self._stopping.wait(delay)
+            return 0
+        self._failures_in_a_row = 0
+        self.stats.batches += 1
+        self.stats.commands += len(records)
+
+        if self._crash_after_commit and outgoing:
+            _log.critical("%s: %s=1: killing this process after the commit, before publishing",
+                          self.name, CRASH_AFTER_COMMIT_ENV)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        relay.publish(outgoing)
+        self._kafka_offsets.update(next_offsets)
+        return len(records)
+
+    def _rewind(self, records: list[Message]) -> None:
+        consumer, _ = self._require_started()
+        first: dict[int, int] = {}
+        for msg in records:
+            first.setdefault(*_where(msg))
+        for partition, offset in first.items():
+            try:
+                consumer.seek(TopicPartition(self.command_topic, partition, offset))
+            except KafkaException as err:  # revoked meanwhile: the next owner reads the stored offset
+                _log.debug("%s: %s", self.name, translate(err, f"seeking back partition {partition}"))
+
+    def _handle(self, tx: StoreTransaction, msg: Message) -> list[OutboxRow]:
+        """Everything one command causes, as outbox rows (a reply or a dead letter)."""
+        try:
+            command = self._codec.decode(msg.value())
+        except DecodeError as err:
+            located = err.at(self.command_topic, *_where(msg))
+            return [self._dead_letter(tx, msg, str(located), type(err).__name__)]
+        if not isinstance(command, ParticipantCommand):
+            return [self._dead_letter(tx, msg, f"a {type(command).__name__} is not a command", "WrongRecordType")]
+        if command.reply_partition < 0:
+            return [self._dead_letter(tx, msg, f"reply_partition {command.reply_partition} is negative",
+                                      "InvalidCommand")]
+        handlers = self._handlers_for(command)
+        if handlers is None:
+            return [self._dead_letter(tx, msg, f"participant {self.name!r} has no handler for step "
+                                      f"{command.step!r} (saga type {command.saga_type!r})", "UnknownStep")]
+        try:
+            payload = json.loads(command.payload)
+            outputs = json.loads(command.outputs)
+            if not isinstance(outputs, dict):
+                raise ValueError("outputs is not a JSON object")
+        except ValueError as err:
+            return [self._dead_letter(tx, msg, f"payload/outputs are not valid JSON: {err}", "InvalidCommand")]
+
+        max_epoch = tx.max_epoch(command.saga_id)
+        decision = decide(command, tx.journal(command.saga_id, command.step), max_epoch)
+        handler = handlers.execute if command.action is Action.EXECUTE else handlers.compensate
+        if decision.verdict is Verdict.RUN and handler is None:
+            return [self._dead_letter(tx, msg, f"participant {self.name!r} has no {command.action.value.lower()} "
+                                      f"handler for step {command.step!r}", "UnknownStep")]
+
+        reply, encoded = self._answer(tx, command, decision, max_epoch, handler, payload, outputs)
+        self.stats.by_outcome[reply.outcome.value] = self.stats.by_outcome.get(reply.outcome.value, 0) + 1
+        return [tx.enqueue(command.reply_topic, command.reply_partition, command.saga_id.encode(),
+                           encoded or self._codec.encode(reply))]
+
+    def _answer(
+        self,
+        tx: StoreTransaction,
+        command: ParticipantCommand,
+        decision: Decision,
+        max_epoch: int | None,
+        handler: Handler | None,
+        payload: Any,
+        outputs: dict[str, Any],
+    ) -> tuple[ParticipantReply, bytes | None]:
+        """The reply to a decided command, and its encoding when it is already known."""
+        if decision.verdict is Verdict.REFUSE:
+            self.stats.refused += 1
+            _log.info("%s: refused %s (epoch %d): %s", self.name, command.command_id, command.epoch, decision.reason)
+            return self._reply(command, ReplyOutcome.REFUSED, error=decision.reason), None
+        if max_epoch is None or command.epoch > max_epoch:
+            tx.raise_epoch(command.saga_id, command.epoch)
+
+        if decision.verdict is Verdict.REPLAY:
+            assert decision.recorded is not None
+            self.stats.replays += 1
+            recorded = decision.recorded
+            return self._reply(command, recorded.outcome, output=recorded.output, error=recorded.error), None
+
+        if decision.verdict is Verdict.SKIP:
+            self.stats.skipped += 1
+            _log.info("%s: %s: %s", self.name, command.command_id, decision.reason)
+            tx.record(self._entry(command, ReplyOutcome.SUCCESS))
+            return self._reply(command, ReplyOutcome.SUCCESS), None
+
+        assert handler is not None
+        self.stats.handler_runs += 1
+        ctx = StepContext(
+            saga_id=command.saga_id,
+            saga_type=command.saga_type,
+            step=command.step,
+            action=command.action,
+            attempt=command.attempt,
+            epoch=command.epoch,
+            command_id=command.command_id,
+            payload=payload,
+            outputs=outputs,
+            deadline_ms=command.deadline_ms,
+        )
+        try:
+            with tx.savepoint():
+                result = handler(ctx, tx.handle)
+                output = json.dumps({} if result is None else result, separators=(",", ":"))
+                reply = self._reply(command, ReplyOutcome.SUCCESS, output=output)
+                encoded = self._codec.encode(reply)  # an oversized output fails here, and undoes the writes
+        except BusinessFailure as failure:
+            error = str(failure)[:_MAX_ERROR_CHARS] or type(failure).__name__
+            if command.action is Action.EXECUTE:
+                tx.record(self._entry(command, ReplyOutcome.BUSINESS_FAILURE, error=error))
+            else:
+                _log.warning("%s: compensation %s failed (%s); the manager will retry it",
+                             self.name, command.command_id, error)
+            return self._reply(command, ReplyOutcome.BUSINESS_FAILURE, error=error), None
+        except Exception as err:  # any bug or outage in a handler: nothing changed, try again
+            _log.warning("%s: %s attempt %d failed, answering RETRYABLE_ERROR", self.name, command.command_id,
+                         command.attempt, exc_info=True)
+            error = f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]
+            return self._reply(command, ReplyOutcome.RETRYABLE_ERROR, error=error), None
+        tx.record(self._entry(command, ReplyOutcome.SUCCESS, output=output))
+        return reply, encoded
+
+    def _reply(
+        self, command: ParticipantCommand, outcome: ReplyOutcome, *, output: str | None = None, error: str | None = None
+    ) -> ParticipantReply:
+        # attempt and epoch are the command's, even for a replayed reply: the manager matches a
+        # reply to the attempt it is waiting for; outcome, output and error are the recorded ones.
+        return ParticipantReply(
+            command_id=command.command_id,
+            saga_id=command.saga_id,
+            step=command.step,
+            action=command.action,
+            attempt=command.attempt,
+            epoch=command.epoch,
+            outcome=outcome,
+            output=output,
+            error=error,
+            participant=self.name,
+            replied_ms=_now_ms(),
+        )
+
+    @staticmethod
+    def _entry(
+        command: ParticipantCommand, outcome: ReplyOutcome, *, output: str | None = None, error: str | None = None
+    ) -> JournalEntry:
+        return JournalEntry(command.saga_id, command.step, command.action, command.command_id, outcome, output,
+                            error, _now_ms())
+
+    def _dead_letter(self, tx: StoreTransaction, msg: Message, reason: str, error_type: str) -> OutboxRow:
+        self.stats.dead_letters += 1
+        partition, offset = _where(msg)
+        _log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, self.command_topic, partition, offset, reason)
+        letter = DeadLetter(
+            source_topic=self.command_topic,
+            source_partition=partition,
+            source_offset=offset,
+            key=msg.key(),
+            value=msg.value(),
+            reason=reason[:_MAX_ERROR_CHARS],
+            error_type=error_type,
+            component=self._component,
+            dead_lettered_ms=_now_ms(),
+        )
+        try:
+            data = self._codec.encode(letter)
+        except MalformedRecord:  # the original is too big to carry: keep where it is instead
+            data = self._codec.encode(letter.model_copy(update={
+                "value": None, "reason": f"{letter.reason} (value too large to copy; read it at the source offset)"
+            }))
+        return tx.enqueue(self.topics.dead_letters, None, msg.key(), data)
+
+    # --- bookkeeping --------------------------------------------------------------------
+
+    def _forget_delivered(self) -> None:
+        """Delete acknowledged outbox rows when no batch came to carry the deletion."""
+        if self._relay is None:
+            return
+        delivered = self._relay.take_delivered()
+        if not delivered:
+            return
+        try:
+            with self.store.transaction() as tx:
+                tx.delete_outbox(delivered)
+        except Exception:
+            self._relay.give_back(delivered)
+            _log.exception("%s: could not delete %d delivered outbox rows; will retry", self.name, len(delivered))
+
+    def _commit_to_kafka(self, *, force: bool, asynchronous: bool = True) -> None:
+        """Mirror the locally committed offsets to Kafka, about once a second (for lag monitoring)."""
+        if self._consumer is None or not self._kafka_offsets:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_kafka_commit < 1.0:
+            return
+        offsets = [TopicPartition(self.command_topic, p, o) for p, o in self._kafka_offsets.items()]
+        self._kafka_offsets = {}
+        self._last_kafka_commit = now
+        try:
+            if asynchronous:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as err:
+            _log.debug("%s: %s", self.name, translate(err, "committing offsets to Kafka"))
+
+
+def _where(msg: Message) -> tuple[int, int]:
+    """(partition, offset) of a consumed record (never None for a record without error)."""
+    partition, offset = msg.partition(), msg.offset()
+    assert partition is not None and offset is not None, "a consumed record always has a position"
+    return partition, offset
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

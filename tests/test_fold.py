@@ -1,0 +1,604 @@
+"""The saga fold, without a broker: the transition tables row by row, and replay properties.
+
+The tables are enumerated, not sampled: every row must be reachable with the documented
+effect, and every (state, event) pair that is not a row must raise IllegalTransition.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import Message, partition_logs, saga_histories
+
+from sagalog.definition import SagaDefinition, StepDefinition, definition_from_json
+from sagalog.errors import (
+    FoldError,
+    IllegalTransition,
+    MalformedRecord,
+    SequenceGap,
+    SequenceRepeat,
+    StaleEpoch,
+    WrongSaga,
+)
+from sagalog.fold import (
+    SAGA_TRANSITIONS,
+    STEP_TRANSITIONS,
+    PartitionFold,
+    SagaState,
+    apply,
+    begin,
+    evolve,
+    replay,
+)
+from sagalog.records import (
+    EVENT_TYPES,
+    CompensationBegun,
+    CompensationEnded,
+    PartitionClaim,
+    SagaAborted,
+    SagaAborting,
+    SagaBegun,
+    SagaEnded,
+    SagaLogRecord,
+    SagaStatus,
+    StepBegun,
+    StepEnded,
+    StepOutcome,
+    StepStatus,
+)
+
+S, T = SagaStatus, StepStatus
+HISTORIES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PARTITIONS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example, HealthCheck.data_too_large],
+)
+
+#: A two-step saga: "a" is the step the table tests move around, "b" stays PENDING.
+TWO = SagaDefinition(
+    name="two",
+    steps=(StepDefinition(name="a", participant="p"), StepDefinition(name="b", participant="p")),
+)
+NOW = 1_700_000_000_000
+
+# --- building states and events ---------------------------------------------------------------
+
+
+def state_of(
+    saga: SagaStatus, a: StepStatus = T.PENDING, *, b: StepStatus = T.PENDING, seq: int = 5
+) -> SagaState:
+    """A saga of TWO in ``saga`` status with step "a" in ``a``; counters consistent with ``a``."""
+    _, state = begin("saga-1", TWO, "{}", NOW, epoch=1)
+    attempt = 0 if a is T.PENDING else 1
+    comp_attempt = 1 if a in (T.COMPENSATING, T.COMPENSATED) else 0
+    steps = (
+        state.steps[0].model_copy(update={"status": a, "attempt": attempt, "comp_attempt": comp_attempt}),
+        state.steps[1].model_copy(update={"status": b, "attempt": 0 if b is T.PENDING else 1}),
+    )
+    return state.model_copy(update={"status": saga, "steps": steps, "seq": seq})
+
+
+def step_event(key: Any, state: SagaState, step: str = "a") -> Any:
+    """The event for a STEP_TRANSITIONS key, with the attempt number that follows the state."""
+    s = state.step(step)
+    if key is StepBegun:
+        return StepBegun(step=step, attempt=s.attempt + 1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000)
+    if key is CompensationBegun:
+        return CompensationBegun(
+            step=step, attempt=s.comp_attempt + 1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000
+        )
+    if key is CompensationEnded:
+        return CompensationEnded(step=step, output='{"refunded": true}')
+    _, outcome = key
+    return StepEnded(step=step, outcome=outcome, output="{}" if outcome is StepOutcome.SUCCEEDED else None)
+
+
+STEP_KEYS = [StepBegun, *[(StepEnded, o) for o in StepOutcome], CompensationBegun, CompensationEnded]
+#: The saga status in which each step event is allowed at the saga level.
+SAGA_STATUS_FOR = {
+    StepBegun: S.RUNNING,
+    StepEnded: S.RUNNING,
+    CompensationBegun: S.COMPENSATING,
+    CompensationEnded: S.COMPENSATING,
+}
+
+
+def _key_type(key: Any) -> type:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def saga_level_example(status: SagaStatus, event_type: type) -> tuple[SagaState, Any]:
+    """A state in ``status`` and an event of ``event_type`` that every *other* check accepts,
+    so that the saga table alone decides."""
+    if event_type is StepBegun:
+        state = state_of(status, T.PENDING)
+    elif event_type is StepEnded:
+        state = state_of(status, T.RUNNING)
+    elif event_type is CompensationBegun:
+        state = state_of(status, T.SUCCEEDED)
+    elif event_type is CompensationEnded:
+        state = state_of(status, T.COMPENSATING)
+    elif event_type is SagaEnded:
+        state = state_of(status, T.SUCCEEDED, b=T.SUCCEEDED)
+    elif event_type is SagaAborted:
+        state = state_of(status, T.COMPENSATED)
+    else:
+        state = state_of(status, T.SUCCEEDED)
+    key = (StepEnded, StepOutcome.SUCCEEDED) if event_type is StepEnded else event_type
+    if key in STEP_KEYS:
+        event = step_event(key, state)
+    elif event_type is SagaBegun:
+        event = SagaBegun(saga_type="two", definition_version=1)
+    elif event_type is SagaEnded:
+        event = SagaEnded()
+    else:
+        event = event_type(reason="because")
+    return state, event
+
+
+def record(
+    state: SagaState | None, event: Any, *, seq: int | None = None, epoch: int = 1, saga_id: str = "saga-1"
+) -> SagaLogRecord:
+    """A log record carrying ``event`` as the next record after ``state`` (snapshot: the state's)."""
+    base = state if state is not None else begin(saga_id, TWO, "{}", NOW, epoch)[1]
+    return SagaLogRecord(
+        saga_id=saga_id,
+        seq=(state.seq + 1 if state is not None else 1) if seq is None else seq,
+        epoch=epoch,
+        timestamp_ms=NOW + 1,
+        event=event,
+        snapshot=base.snapshot(),
+    )
+
+
+# --- the saga table ---------------------------------------------------------------------------
+
+
+def test_every_event_type_is_in_the_saga_table() -> None:
+    assert {event_type for _, event_type in SAGA_TRANSITIONS} == set(EVENT_TYPES.values())
+
+
+@pytest.mark.parametrize(
+    "before,event_type,after",
+    [(b, e, a) for (b, e), a in SAGA_TRANSITIONS.items()],
+    ids=lambda v: getattr(v, "__name__", str(v)),
+)
+def test_saga_table_row(before: SagaStatus | None, event_type: type, after: SagaStatus) -> None:
+    if before is None:
+        begun, state = begin("saga-1", TWO, '{"n": 1}', NOW, epoch=3)
+        assert isinstance(begun, event_type)
+        assert (state.status, state.seq, state.epoch) == (after, 1, 3)
+        folded = evolve(None, record(None, begun, epoch=3))
+        assert folded.status is after and folded.seq == 1
+        return
+    state, event = saga_level_example(before, event_type)
+    after_state = apply(state, event, NOW + 7, epoch=2)
+    assert after_state.status is after
+    assert (after_state.seq, after_state.epoch, after_state.updated_ms) == (state.seq + 1, 2, NOW + 7)
+    # The same through evolve, as a reader sees it.
+    assert evolve(state, record(state, event, epoch=2)).status is after
+
+
+_MISSING_SAGA_PAIRS = [
+    (status, event_type)
+    for status, event_type in itertools.product([None, *SagaStatus], EVENT_TYPES.values())
+    if (status, event_type) not in SAGA_TRANSITIONS
+]
+
+
+@pytest.mark.parametrize(
+    "status,event_type", _MISSING_SAGA_PAIRS, ids=lambda v: getattr(v, "__name__", str(v))
+)
+def test_saga_table_missing_pair_is_illegal(status: SagaStatus | None, event_type: type) -> None:
+    if status is None:  # the first record of a saga (seq 1) must be SagaBegun
+        _, event = saga_level_example(S.RUNNING, event_type)
+        with pytest.raises(IllegalTransition) as info:
+            evolve(None, record(None, event, seq=1))
+        assert info.value.state_seq is None
+        return
+    state, event = saga_level_example(status, event_type)
+    before = state.model_copy()
+    with pytest.raises(IllegalTransition, match=type(event).__name__) as info:
+        apply(state, event, NOW, epoch=1)
+    assert (info.value.saga_id, info.value.seq, info.value.state_seq) == ("saga-1", state.seq + 1, state.seq)
+    with pytest.raises(IllegalTransition):
+        evolve(state, record(state, event))
+    assert state == before
+
+
+# --- the step table ---------------------------------------------------------------------------
+
+
+def test_every_step_event_is_in_the_step_table() -> None:
+    assert {key for _, key in STEP_TRANSITIONS} == set(STEP_KEYS)
+    step_events = {t for t in EVENT_TYPES.values() if "step" in t.model_fields}
+    assert {_key_type(k) for k in STEP_KEYS} == step_events
+
+
+@pytest.mark.parametrize(
+    "before,key,after",
+    [(b, k, a) for (b, k), a in STEP_TRANSITIONS.items()],
+    ids=lambda v: (
+        "-".join(getattr(x, "__name__", str(x)) for x in v)
+        if isinstance(v, tuple)
+        else getattr(v, "__name__", str(v))
+    ),
+)
+def test_step_table_row(before: StepStatus, key: Any, after: StepStatus) -> None:
+    state = state_of(SAGA_STATUS_FOR[_key_type(key)], before)
+    event = step_event(key, state)
+    result = apply(state, event, NOW + 5, epoch=1)
+    step = result.step("a")
+    assert step.status is after
+    assert result.step("b") == state.step("b")  # other steps untouched
+    if key is StepBegun:
+        assert (step.attempt, step.dispatch_at_ms, step.deadline_ms) == (event.attempt, NOW, NOW + 1000)
+    elif key is CompensationBegun:
+        assert (step.comp_attempt, step.attempt) == (event.attempt, state.step("a").attempt)
+    elif _key_type(key) is StepEnded:
+        assert (step.output, step.error) == (event.output, event.error)
+
+
+_MISSING_STEP_PAIRS = [
+    (s, k) for s, k in itertools.product(StepStatus, STEP_KEYS) if (s, k) not in STEP_TRANSITIONS
+]
+
+
+@pytest.mark.parametrize(
+    "before,key",
+    _MISSING_STEP_PAIRS,
+    ids=lambda v: (
+        "-".join(getattr(x, "__name__", str(x)) for x in v)
+        if isinstance(v, tuple)
+        else getattr(v, "__name__", str(v))
+    ),
+)
+def test_step_table_missing_pair_is_illegal(before: StepStatus, key: Any) -> None:
+    state = state_of(SAGA_STATUS_FOR[_key_type(key)], before)
+    with pytest.raises(IllegalTransition, match="step 'a' is"):
+        apply(state, step_event(key, state), NOW, epoch=1)
+
+
+def test_event_for_an_unknown_step_is_illegal() -> None:
+    state = state_of(S.RUNNING)
+    with pytest.raises(IllegalTransition, match="no step 'zz'"):
+        apply(state, StepBegun(step="zz", attempt=1, dispatch_at_ms=0, deadline_ms=0), NOW, epoch=1)
+
+
+@pytest.mark.parametrize("b", [T.PENDING, T.RUNNING, T.FAILED, T.TIMED_OUT, T.COMPENSATED])
+def test_saga_ends_only_when_every_step_succeeded(b: StepStatus) -> None:
+    with pytest.raises(IllegalTransition, match="not every step"):
+        apply(state_of(S.RUNNING, T.SUCCEEDED, b=b), SagaEnded(), NOW, epoch=1)
+
+
+@pytest.mark.parametrize("a", [T.SUCCEEDED, T.TIMED_OUT, T.RUNNING, T.COMPENSATING])
+def test_saga_aborted_only_after_every_compensation(a: StepStatus) -> None:
+    with pytest.raises(IllegalTransition, match="not compensated"):
+        apply(state_of(S.COMPENSATING, a), SagaAborted(reason="x"), NOW, epoch=1)
+
+
+def test_non_compensable_steps_do_not_block_the_abort() -> None:
+    definition = SagaDefinition(
+        name="nc",
+        steps=(
+            StepDefinition(name="a", participant="p", compensable=False),
+            StepDefinition(name="b", participant="p", compensable=False),
+        ),
+    )
+    _, state = begin("s", definition, "{}", NOW, 1)
+    steps = (
+        state.steps[0].model_copy(update={"status": T.SUCCEEDED, "attempt": 1}),
+        state.steps[1].model_copy(update={"status": T.TIMED_OUT, "attempt": 1}),
+    )
+    state = state.model_copy(update={"status": S.COMPENSATING, "steps": steps})
+    assert apply(state, SagaAborted(reason="x"), NOW, 1).status is S.ABORTED
+
+
+# --- attempts ---------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 50), st.integers(-5, 60))
+def test_step_retry_attempt_must_be_the_next_one(done: int, attempt: int) -> None:
+    state = state_of(S.RUNNING, T.RUNNING)
+    state = state.model_copy(
+        update={"steps": (state.steps[0].model_copy(update={"attempt": done}), state.steps[1])}
+    )
+    event = StepBegun(step="a", attempt=attempt, dispatch_at_ms=NOW, deadline_ms=NOW, last_error="timed out")
+    if attempt == done + 1:
+        after = apply(state, event, NOW, 1).step("a")
+        assert (after.attempt, after.status, after.error) == (attempt, T.RUNNING, "timed out")
+    else:
+        with pytest.raises(IllegalTransition, match=f"attempt {attempt} after attempt {done}"):
+            apply(state, event, NOW, 1)
+
+
+@given(st.integers(0, 50), st.integers(-5, 60), st.sampled_from([T.SUCCEEDED, T.TIMED_OUT, T.COMPENSATING]))
+def test_compensation_attempt_must_be_the_next_one(done: int, attempt: int, status: StepStatus) -> None:
+    state = state_of(S.COMPENSATING, status)
+    state = state.model_copy(
+        update={"steps": (state.steps[0].model_copy(update={"comp_attempt": done}), state.steps[1])}
+    )
+    event = CompensationBegun(
+        step="a", attempt=attempt, dispatch_at_ms=NOW, deadline_ms=NOW, last_error="503"
+    )
+    if attempt == done + 1:
+        after = apply(state, event, NOW, 1).step("a")
+        assert (after.comp_attempt, after.status, after.error) == (attempt, T.COMPENSATING, "503")
+    else:
+        with pytest.raises(IllegalTransition, match=f"compensation attempt {attempt} after {done}"):
+            apply(state, event, NOW, 1)
+
+
+# --- properties of valid histories ------------------------------------------------------------
+
+
+def _check_consistent(history: list[SagaLogRecord], state: SagaState) -> None:
+    definition = definition_from_json(state.definition)
+    assert state.seq == len(history) == history[-1].seq
+    assert [r.seq for r in history] == list(range(1, len(history) + 1))
+    assert state.status.terminal
+    assert not any(s.status in (T.RUNNING, T.COMPENSATING) for s in state.steps)
+    if state.status is S.COMPLETED:
+        assert all(s.status is T.SUCCEEDED for s in state.steps)
+        assert isinstance(history[-1].event, SagaEnded)
+        return
+    assert isinstance(history[-1].event, SagaAborted)
+    aborting = next(r.event for r in history if isinstance(r.event, SagaAborting))
+    assert state.reason == aborting.reason
+    # Every compensable step that may have had an effect (begun, and not a business failure) is
+    # compensated; so is every step still in flight at the abort, compensable or not.
+    for s in state.steps:
+        begun = any(isinstance(r.event, StepBegun) and r.event.step == s.name for r in history)
+        outcomes = [
+            r.event.outcome for r in history if isinstance(r.event, StepEnded) and r.event.step == s.name
+        ]
+        if not begun:
+            assert s.status is T.PENDING
+        elif outcomes == [StepOutcome.FAILED]:
+            assert s.status is T.FAILED
+        elif definition.by_name[s.name].compensable or not outcomes:
+            assert s.status is T.COMPENSATED, s
+        else:
+            assert s.status.value == outcomes[0].value  # non-compensable, ended: left as it ended
+
+
+@HISTORIES
+@given(saga_histories())
+def test_valid_history_replays_to_a_consistent_state(history: list[SagaLogRecord]) -> None:
+    state = replay(history)
+    assert state is not None
+    assert state == SagaState.from_record(history[-1])  # the fold agrees with the writer's snapshot
+    assert (state.epoch, state.updated_ms) == (history[-1].epoch, history[-1].timestamp_ms)
+    _check_consistent(history, state)
+
+
+@HISTORIES
+@given(saga_histories(), st.data())
+def test_every_prefix_matches_its_snapshot(history: list[SagaLogRecord], data: st.DataObject) -> None:
+    """Compaction can stop anywhere: the newest surviving record alone must equal the full fold."""
+    cut = data.draw(st.integers(1, len(history)))
+    full = replay(history[:cut])
+    assert replay(history[cut - 1 : cut]) == full
+    assert full is not None and full.seq == cut
+
+
+@HISTORIES
+@given(saga_histories(), st.data())
+def test_truncated_history_continues_from_any_record(
+    history: list[SagaLogRecord], data: st.DataObject
+) -> None:
+    start = data.draw(st.integers(0, len(history) - 1))
+    assert replay(history[start:]) == replay(history)
+
+
+def compact(messages: list[Message], cleaned_upto: int) -> list[Message]:
+    """What Kafka's log cleaner leaves: below ``cleaned_upto``, only the newest message of each
+    key (tombstones included, within delete.retention); the head is untouched."""
+    keep = []
+    for i, (key, value) in enumerate(messages):
+        newer = any(k == key for k, _ in messages[i + 1 : cleaned_upto])
+        if i >= cleaned_upto or not newer:
+            keep.append((key, value))
+    return keep
+
+
+def fold(messages: list[Message]) -> PartitionFold:
+    f = PartitionFold(partition=0)
+    for offset, (key, value) in enumerate(messages):
+        f.apply(key, value, offset)
+    return f
+
+
+@PARTITIONS
+@given(partition_logs(), st.data())
+def test_compacted_partition_folds_to_the_same_sagas(messages: list[Message], data: st.DataObject) -> None:
+    full = fold(messages)
+    assert full.rejected == []
+    compacted = fold(compact(messages, data.draw(st.integers(0, len(messages)))))
+    assert compacted.rejected == []
+    assert compacted.sagas == full.sagas
+    assert compacted.epoch == full.epoch
+    # The partition fold agrees with folding each saga alone.
+    tombstoned = {k.decode() for k, v in messages if v is None}
+    by_saga: dict[str, list[SagaLogRecord]] = {}
+    for _, v in messages:
+        if isinstance(v, SagaLogRecord):
+            by_saga.setdefault(v.saga_id, []).append(v)
+    assert set(full.sagas) == set(by_saga) - tombstoned
+    for saga_id, state in full.sagas.items():
+        assert state == replay(by_saga[saga_id])
+    claims = [v.epoch for _, v in messages if isinstance(v, PartitionClaim)]
+    assert full.epoch == max(claims, default=0)
+    assert {s.saga_id for s in full.live()} == {i for i, s in full.sagas.items() if not s.status.terminal}
+
+
+# --- invalid records: the named error, and the state left as it was ---------------------------
+
+
+@st.composite
+def history_and_cut(draw: st.DrawFn, min_len: int = 3) -> tuple[list[SagaLogRecord], int]:
+    """A history of at least ``min_len`` records and a point 1 <= k < len inside it."""
+    history = draw(saga_histories().filter(lambda h: len(h) >= min_len))
+    return history, draw(st.integers(1, len(history) - 1))
+
+
+def _assert_rejected(f: PartitionFold, item: Any, error: type[FoldError], key: bytes | None = None) -> None:
+    """``item`` is refused by the partition fold: state identical, one more rejection with the reason."""
+    before, applied, rejected = dict(f.sagas), f.applied, len(f.rejected)
+    key = key if key is not None else item.saga_id.encode()
+    f.apply(key, item, offset=999)
+    assert f.sagas == before
+    assert f.applied == applied
+    assert len(f.rejected) == rejected + 1
+    assert f.rejected[-1][0] == 999
+
+
+@HISTORIES
+@given(history_and_cut(), st.text(min_size=1))
+def test_wrong_saga_is_refused(hc: tuple[list[SagaLogRecord], int], other: str) -> None:
+    history, k = hc
+    state = replay(history[:k])
+    assert state is not None
+    stranger = history[k].model_copy(update={"saga_id": state.saga_id + other})
+    with pytest.raises(WrongSaga):
+        evolve(state, stranger)
+    assert replay(history[:k]) == state
+
+
+@HISTORIES
+@given(history_and_cut(), st.data())
+def test_repeated_seq_is_refused(hc: tuple[list[SagaLogRecord], int], data: st.DataObject) -> None:
+    history, k = hc
+    state = replay(history[:k])
+    old = history[data.draw(st.integers(0, k - 1))]
+    with pytest.raises(SequenceRepeat) as info:
+        evolve(state, old)
+    assert (info.value.seq, info.value.state_seq) == (old.seq, k)
+    f = fold([(r.saga_id.encode(), r) for r in history[:k]])
+    _assert_rejected(f, old, SequenceRepeat)
+    assert f.sagas[state.saga_id] == state
+
+
+@HISTORIES
+@given(history_and_cut(min_len=4), st.data())
+def test_sequence_gap(hc: tuple[list[SagaLogRecord], int], data: st.DataObject) -> None:
+    history, k = hc
+    if k + 1 >= len(history):
+        k = len(history) - 2
+    state = replay(history[:k])
+    ahead = history[data.draw(st.integers(k + 1, len(history) - 1))]
+    with pytest.raises(SequenceGap):
+        evolve(state, ahead)
+    assert replay(history[:k]) == state
+    # The partition fold counts the gap and re-bases the saga on the newer snapshot (truncation).
+    f = fold([(r.saga_id.encode(), r) for r in history[:k]])
+    f.apply(ahead.saga_id.encode(), ahead, offset=77)
+    assert f.sagas[state.saga_id] == SagaState.from_record(ahead)
+    assert len(f.rejected) == 1 and f.rejected[0][0] == 77 and "missing" in f.rejected[0][1]
+
+
+@HISTORIES
+@given(history_and_cut(), st.integers(1, 10))
+def test_stale_epoch_after_a_claim_is_refused(hc: tuple[list[SagaLogRecord], int], lag: int) -> None:
+    history, k = hc
+    f = fold([(r.saga_id.encode(), r) for r in history[:k]])
+    owner_epoch = max(r.epoch for r in history[:k]) + lag
+    f.apply(
+        PartitionClaim.key(0),
+        PartitionClaim(partition=0, epoch=owner_epoch, owner="new", timestamp_ms=0),
+        500,
+    )
+    assert f.epoch == owner_epoch and f.rejected == []
+    zombie = history[k].model_copy(update={"epoch": owner_epoch - 1})  # otherwise the right next record
+    _assert_rejected(f, zombie, StaleEpoch)
+    assert "zombie" in f.rejected[-1][1]
+    # The new owner's record with the same seq is accepted afterwards.
+    f.apply(history[k].saga_id.encode(), history[k].model_copy(update={"epoch": owner_epoch}), 501)
+    assert f.sagas[history[k].saga_id].seq == k + 1
+    # A saga the fold has not seen yet is refused too if its writer is stale.
+    with pytest.raises(StaleEpoch):
+        evolve(None, zombie, partition_epoch=owner_epoch)
+
+
+@HISTORIES
+@given(history_and_cut(), st.integers(1, 10))
+def test_stale_epoch_within_a_saga_is_refused(hc: tuple[list[SagaLogRecord], int], lag: int) -> None:
+    history, k = hc
+    state = replay(history[:k])
+    assert state is not None
+    stale = history[k].model_copy(update={"epoch": state.epoch - lag})
+    with pytest.raises(StaleEpoch):
+        evolve(state, stale)
+    f = fold([(r.saga_id.encode(), r) for r in history[:k]])
+    _assert_rejected(f, stale, StaleEpoch)
+
+
+@HISTORIES
+@given(history_and_cut(), st.sampled_from(["begin_again", "end_pending", "unknown_step"]))
+def test_illegal_transition_is_refused(hc: tuple[list[SagaLogRecord], int], kind: str) -> None:
+    history, k = hc
+    state = replay(history[:k])
+    assert state is not None
+    event: Any = {
+        "begin_again": SagaBegun(saga_type=state.saga_type, definition_version=1),
+        "end_pending": SagaEnded(),  # never legal with a step not SUCCEEDED
+        "unknown_step": StepBegun(step="no such step!", attempt=1, dispatch_at_ms=0, deadline_ms=0),
+    }[kind]
+    if (
+        kind == "end_pending"
+        and state.status is S.RUNNING
+        and all(s.status is T.SUCCEEDED for s in state.steps)
+    ):
+        event = SagaAborted(reason="not compensating")
+    bad = history[k].model_copy(update={"event": event})
+    with pytest.raises(IllegalTransition):
+        evolve(state, bad)
+    f = fold([(r.saga_id.encode(), r) for r in history[:k]])
+    _assert_rejected(f, bad, IllegalTransition)
+    # The fold carries on: the real next record still applies.
+    f.apply(history[k].saga_id.encode(), history[k], 1000)
+    assert f.sagas[state.saga_id].seq == k + 1
+
+
+def test_first_record_of_a_saga_is_adopted_only_if_it_can_start_one() -> None:
+    _, state = begin("saga-1", TWO, "{}", NOW, 1)
+    later = record(state, step_event(StepBegun, state))
+    assert evolve(None, later) == SagaState.from_record(later)  # seq 2: its begin was compacted away
+    with pytest.raises(IllegalTransition, match="first record"):
+        evolve(None, later.model_copy(update={"seq": 1}))
+
+
+def test_decode_errors_are_counted_not_applied() -> None:
+    f = PartitionFold(partition=0)
+    f.apply(b"x", MalformedRecord("corrupt"), 3)
+    assert f.sagas == {} and f.applied == 0
+    assert f.rejected == [(3, "corrupt")]
+
+
+# --- tombstones --------------------------------------------------------------------------------
+
+
+@HISTORIES
+@given(saga_histories(saga_id="gone"), saga_histories(saga_id="kept"))
+def test_tombstone_removes_the_saga(gone: list[SagaLogRecord], kept: list[SagaLogRecord]) -> None:
+    f = fold([(r.saga_id.encode(), r) for r in [*gone, *kept]])
+    assert set(f.sagas) == {"gone", "kept"}
+    f.apply(b"gone", None, 100)
+    assert set(f.sagas) == {"kept"}
+    assert f.sagas["kept"] == replay(kept)
+    f.apply(b"gone", None, 101)  # again, and for keys the fold never saw: nothing happens
+    f.apply(b"never", None, 102)
+    f.apply(None, None, 103)
+    assert set(f.sagas) == {"kept"} and f.rejected == []
+
+
+def test_rejected_list_is_bounded() -> None:
+    f = PartitionFold(partition=0, max_rejected_kept=2)
+    for offset in range(5):
+        f.apply(b"x", MalformedRecord(f"bad {offset}"), offset)
+    assert f.rejected == [(0, "bad 0"), (1, "bad 1")]
