@@ -43,7 +43,7 @@ from manager import decide
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
-from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
+from sagalog.errors import BrokerError, ConfigError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState
 from sagalog.kafka import consumer_config, producer_config, reader_config, translate
 from sagalog.records import (
@@ -314,9 +314,12 @@ class Manager:
                     self._dead_letter(owned, msg, f"unknown saga type {item.saga_type!r} (known: {known})", now)
                     return
                 try:
-                    json.loads(item.payload)
+                    definition.validate_payload(json.loads(item.payload))
                 except ValueError as bad:
                     self._dead_letter(owned, msg, f"payload is not JSON: {bad}", now)
+                    return
+                except ConfigError as bad:
+                    self._dead_letter(owned, msg, str(bad), now)
                     return
                 decision = decide.on_start(state, key in owned.finished, item, definition, ctx)
             elif state is None:
@@ -458,6 +461,10 @@ class Manager:
         """After a failed transaction: rebuild from the log and re-read the inbox from the committed offset."""
         self._release(p)
         try:
+            # Re-taking a partition fences its other claimant: only do it while the group still
+            # gives it to us, or a zombie with an unrecognised error would fence the rightful owner.
+            if not any(tp.partition == p for tp in self.consumer.assignment()):
+                return
             committed = self.consumer.committed([TopicPartition(self.topics.inbox, p)], timeout=10)
             if committed[0].offset >= 0:
                 self.consumer.seek(committed[0])

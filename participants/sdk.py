@@ -41,6 +41,7 @@ Rules are a pure function (:func:`decide`), testable without Kafka or a database
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -48,7 +49,9 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
@@ -193,6 +196,10 @@ class OutboxRelay:
     def in_flight(self) -> int:
         return len(self._flights)
 
+    def oldest_in_flight(self) -> int | None:
+        """Smallest unacknowledged row id (rows are kept in publish order; ids only grow)."""
+        return next(iter(self._flights), None)
+
     def publish(self, rows: list[OutboxRow]) -> None:
         for row in rows:
             if row.id in self._flights:  # already on its way (startup re-publish after a quick restart)
@@ -292,23 +299,51 @@ class _StepHandlers:
     execute: Handler | None = None
     compensate: Handler | None = None
 
+    def get(self, action: Action) -> Handler | None:
+        return self.execute if action is Action.EXECUTE else self.compensate
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A decoded, valid command with the handlers of its step and its parsed JSON."""
+
+    command: ParticipantCommand
+    handlers: _StepHandlers
+    payload: Any
+    outputs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reject:
+    """Why a message goes to the dead-letter topic instead of being answered."""
+
+    reason: str
+    error_type: str
+
 
 @dataclass
-class _Stats:
+class ParticipantStats:
     """Counters for logs and tests; read them, do not rely on them for correctness."""
 
     commands: int = 0
+    batches: int = 0
     handler_runs: int = 0
     replays: int = 0
     refused: int = 0
     skipped: int = 0
     dead_letters: int = 0
-    batches: int = 0
     by_outcome: dict[str, int] = field(default_factory=dict)
 
 
 class Participant:
     """One participant service: a consumer group on its command topic, a store, a relay.
+
+    ``store=None`` makes a *stateless* participant, for handlers without local effects (the
+    no-op participant of the benchmark, pure lookups): no journal, no outbox, no epoch check;
+    every command runs its handler and the reply is produced directly. Command offsets are
+    committed to Kafka only once the replies they caused are acknowledged, so replies are
+    at-least-once (a crash makes the next owner answer some commands again). Anything that
+    changes state must use a store.
 
     Not thread-safe except :meth:`stop`, which any thread (or a signal handler) may call.
     Several instances of one participant may run at once (they share the consumer group); they
@@ -322,7 +357,7 @@ class Participant:
         *,
         topics: Topics,
         bootstrap: str,
-        store: ParticipantStore,
+        store: ParticipantStore | None,
         overrides: ClientOverrides | None = None,
         session_timeout_ms: int = 6000,
         max_batch: int = 500,
@@ -340,7 +375,7 @@ class Participant:
         self.store = store
         self.command_topic = topics.commands(name)
         self.group_id = f"{topics.prefix}.participant.{name}"
-        self.stats = _Stats()
+        self.stats = ParticipantStats()
         self._overrides = dict(overrides or {})
         self._session_timeout_ms = session_timeout_ms
         self._max_batch = max_batch
@@ -353,21 +388,27 @@ class Participant:
         self._handlers: dict[tuple[str | None, str], _StepHandlers] = {}
         self._stopping = threading.Event()
         self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
         self._relay: OutboxRelay | None = None
         self._assigned: set[int] = set()
         self._kafka_offsets: dict[int, int] = {}  # partition -> next offset, not yet committed to Kafka
         self._last_kafka_commit = 0.0
         self._failures_in_a_row = 0
+        # Stateless mode: in-memory row ids, and offsets waiting for their replies' acknowledgement.
+        self._row_ids = itertools.count(1)
+        self._unacked_offsets: deque[tuple[int, dict[int, int]]] = deque()
 
     # --- declaring handlers -----------------------------------------------------------
 
     def execute(self, step: str, *, saga_type: str | None = None) -> Callable[[H], H]:
-        """Decorator: the handler that performs ``step`` (Ti). ``"*"`` matches any step."""
+        """Decorator: the handler that performs ``step`` (Ti). ``"*"`` matches any step.
+
+        With ``saga_type`` the handler serves that step of that saga type only (for step names
+        that mean different things in different saga types); without, every saga type.
+        """
         return self._register(step, saga_type, Action.EXECUTE)
 
     def compensate(self, step: str, *, saga_type: str | None = None) -> Callable[[H], H]:
-        """Decorator: the handler that undoes ``step`` (Ci). Must eventually succeed."""
+        """Decorator: the handler that undoes ``step`` (Ci). It must eventually succeed."""
         return self._register(step, saga_type, Action.COMPENSATE)
 
     def _register(self, step: str, saga_type: str | None, action: Action) -> Callable[[H], H]:
@@ -399,6 +440,10 @@ class Participant:
         """Command partitions this instance consumes right now."""
         return frozenset(self._assigned)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def run(self) -> None:
         """Serve commands until :meth:`stop`; then deliver what is committed and leave the group."""
         self.start()
@@ -416,19 +461,20 @@ class Participant:
         """Open the store, publish replies left by a previous run, join the consumer group."""
         if not self._handlers:
             raise ConfigError(f"participant {self.name!r} has no handlers")
-        self.store.open()
         client_id = f"{self.group_id}:{os.getpid()}"
-        self._producer = Producer(
+        producer = Producer(
             producer_config(self.bootstrap, overrides={"client.id": client_id, **self._overrides}),
             logger=_kafka_log,
         )
         self._relay = OutboxRelay(
-            self._producer, codec=self._codec, dead_letters=self.topics.dead_letters, component=self._component
+            producer, codec=self._codec, dead_letters=self.topics.dead_letters, component=self._component
         )
-        leftovers = self.store.pending()
-        if leftovers:
-            _log.info("%s: publishing %d replies committed before the last stop", self.name, len(leftovers))
-            self._relay.publish(leftovers)
+        if self.store is not None:
+            self.store.open()
+            leftovers = self.store.pending()
+            if leftovers:
+                _log.info("%s: publishing %d messages committed before the last stop", self.name, len(leftovers))
+                self._relay.publish(leftovers)
         config = consumer_config(
             self.bootstrap,
             self.group_id,
@@ -439,7 +485,8 @@ class Participant:
         self._consumer.subscribe(
             [self.command_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
-        _log.info("%s: consuming %s as group %s", self.name, self.command_topic, self.group_id)
+        _log.info("%s: consuming %s as group %s%s", self.name, self.command_topic, self.group_id,
+                  "" if self.store is not None else " (stateless)")
 
     def poll_once(self, timeout_s: float | None = None) -> int:
         """One iteration of the loop: consume a batch, process it in one transaction, publish.
@@ -448,12 +495,12 @@ class Participant:
         """
         consumer, relay = self._require_started()
         messages = self._consume(consumer, self._poll_timeout_s if timeout_s is None else timeout_s)
-        processed = 0
-        if messages:
-            processed = self._process(messages)
-        else:  # idle: no batch transaction to carry the deletion of acknowledged rows
-            self._forget_delivered()
+        processed = self._process(messages) if messages else 0
         relay.service()
+        if not messages:  # idle: no batch transaction to carry the deletion of acknowledged rows
+            self._forget_delivered()
+        if self.store is None:
+            self._release_acknowledged_offsets()
         self._commit_to_kafka(force=False)
         return processed
 
@@ -462,8 +509,11 @@ class Participant:
         if self._relay is not None:
             left = self._relay.flush(timeout_s=10.0)
             if left:
-                _log.warning("%s: %d replies not yet acknowledged; they are sent at the next start", self.name, left)
+                _log.warning("%s: %d replies not acknowledged%s", self.name, left,
+                             "; they are sent at the next start" if self.store is not None else "")
             self._forget_delivered()
+            if self.store is None:
+                self._release_acknowledged_offsets()
         if self._consumer is not None:
             self._commit_to_kafka(force=True, asynchronous=False)
             try:
@@ -471,9 +521,9 @@ class Participant:
             except KafkaException as err:
                 _log.warning("%s: %s", self.name, translate(err, "leaving the consumer group"))
             self._consumer = None
-        self._producer = None
         self._relay = None
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
     def _require_started(self) -> tuple[Consumer, OutboxRelay]:
         if self._consumer is None or self._relay is None:
@@ -494,16 +544,16 @@ class Participant:
             raise translate(err, f"consuming {self.command_topic}") from err
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # SQLite is the source of truth for where to resume: it was committed with the effects.
+        # The store is the source of truth for where to resume: it was committed with the effects.
         # Partitions it has never seen resume at Kafka's committed offset (or the earliest).
-        stored = self.store.offsets(self.command_topic)
-        for tp in partitions:
-            if tp.partition in stored:
-                tp.offset = stored[tp.partition]
+        if self.store is not None:
+            stored = self.store.offsets(self.command_topic)
+            for tp in partitions:
+                if tp.partition in stored:
+                    tp.offset = stored[tp.partition]
         consumer.assign(partitions)
         self._assigned |= {tp.partition for tp in partitions}
-        _log.info("%s: assigned %s (resuming at %s)", self.name, sorted(tp.partition for tp in partitions),
-                  {tp.partition: tp.offset for tp in partitions})
+        _log.info("%s: assigned partitions %s", self.name, sorted(tp.partition for tp in partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Every processed batch is already committed locally; only the monitoring commit remains.
@@ -512,12 +562,10 @@ class Participant:
         self._assigned -= revoked
         for p in revoked:
             self._kafka_offsets.pop(p, None)
-        _log.info("%s: revoked %s", self.name, sorted(revoked))
+        _log.info("%s: revoked partitions %s", self.name, sorted(revoked))
 
-    # --- processing -----------------------------------------------------------------------
-
-    def _process(self, messages: list[Message]) -> int:
-        _, relay = self._require_started()
+    def _records(self, messages: list[Message]) -> list[Message]:
+        """The messages that carry records; consumer errors are logged (or raised if fatal)."""
         records: list[Message] = []
         for msg in messages:
             err = msg.error()
@@ -528,9 +576,17 @@ class Participant:
             if err.fatal():
                 raise error
             _log.warning("%s: %s", self.name, error)
+        return records
+
+    # --- processing a batch ---------------------------------------------------------------
+
+    def _process(self, messages: list[Message]) -> int:
+        records = self._records(messages)
         if not records:
             return 0
-
+        if self.store is None:
+            return self._process_stateless(records)
+        _, relay = self._require_started()
         delivered = relay.take_delivered()
         outgoing: list[OutboxRow] = []
         next_offsets: dict[int, int] = {}
@@ -539,7 +595,7 @@ class Participant:
                 if delivered:
                     tx.delete_outbox(delivered)
                 for msg in records:
-                    outgoing.extend(self._handle(tx, msg))
+                    outgoing.append(self._handle(tx, msg))
                     partition, offset = _where(msg)
                     next_offsets[partition] = offset + 1
                 for partition, offset in next_offsets.items():
@@ -559,7 +615,7 @@ class Participant:
         self.stats.batches += 1
         self.stats.commands += len(records)
 
-        if self._crash_after_commit and outgoing:
+        if self._crash_after_commit:
             _log.critical("%s: %s=1: killing this process after the commit, before publishing",
                           self.name, CRASH_AFTER_COMMIT_ENV)
             logging.shutdown()
@@ -567,6 +623,20 @@ class Participant:
 
         relay.publish(outgoing)
         self._kafka_offsets.update(next_offsets)
+        return len(records)
+
+    def _process_stateless(self, records: list[Message]) -> int:
+        _, relay = self._require_started()
+        rows: list[OutboxRow] = []
+        next_offsets: dict[int, int] = {}
+        for msg in records:
+            rows.append(self._handle_stateless(msg))
+            partition, offset = _where(msg)
+            next_offsets[partition] = offset + 1
+        relay.publish(rows)
+        self._unacked_offsets.append((rows[-1].id, next_offsets))
+        self.stats.batches += 1
+        self.stats.commands += len(records)
         return len(records)
 
     def _rewind(self, records: list[Message]) -> None:
@@ -580,73 +650,95 @@ class Participant:
             except KafkaException as err:  # revoked meanwhile: the next owner reads the stored offset
                 _log.debug("%s: %s", self.name, translate(err, f"seeking back partition {partition}"))
 
-    def _handle(self, tx: StoreTransaction, msg: Message) -> list[OutboxRow]:
-        """Everything one command causes, as outbox rows (a reply or a dead letter)."""
+    # --- one command ----------------------------------------------------------------------
+
+    def _parse(self, msg: Message) -> _Parsed | _Reject:
+        """Decode and validate a command, or say why it must be dead-lettered."""
         try:
             command = self._codec.decode(msg.value())
         except DecodeError as err:
-            located = err.at(self.command_topic, *_where(msg))
-            return [self._dead_letter(tx, msg, str(located), type(err).__name__)]
+            return _Reject(str(err.at(self.command_topic, *_where(msg))), type(err).__name__)
         if not isinstance(command, ParticipantCommand):
-            return [self._dead_letter(tx, msg, f"a {type(command).__name__} is not a command", "WrongRecordType")]
+            return _Reject(f"a {type(command).__name__} is not a command", "WrongRecordType")
         if command.reply_partition < 0:
-            return [self._dead_letter(tx, msg, f"reply_partition {command.reply_partition} is negative",
-                                      "InvalidCommand")]
+            return _Reject(f"reply_partition {command.reply_partition} is negative", "InvalidCommand")
         handlers = self._handlers_for(command)
         if handlers is None:
-            return [self._dead_letter(tx, msg, f"participant {self.name!r} has no handler for step "
-                                      f"{command.step!r} (saga type {command.saga_type!r})", "UnknownStep")]
+            return _Reject(f"participant {self.name!r} has no handler for step {command.step!r} "
+                           f"(saga type {command.saga_type!r})", "UnknownStep")
         try:
             payload = json.loads(command.payload)
             outputs = json.loads(command.outputs)
-            if not isinstance(outputs, dict):
-                raise ValueError("outputs is not a JSON object")
         except ValueError as err:
-            return [self._dead_letter(tx, msg, f"payload/outputs are not valid JSON: {err}", "InvalidCommand")]
+            return _Reject(f"payload or outputs is not valid JSON: {err}", "InvalidCommand")
+        if not isinstance(outputs, dict):
+            return _Reject("outputs is not a JSON object", "InvalidCommand")
+        return _Parsed(command, handlers, payload, outputs)
 
+    def _no_handler(self, command: ParticipantCommand) -> _Reject:
+        return _Reject(f"participant {self.name!r} has no {command.action.value.lower()} handler for step "
+                       f"{command.step!r}", "UnknownStep")
+
+    def _handle(self, tx: StoreTransaction, msg: Message) -> OutboxRow:
+        """Apply the rules to one command; the reply (or dead letter) goes into the outbox."""
+        parsed = self._parse(msg)
+        if isinstance(parsed, _Reject):
+            return tx.enqueue(self.topics.dead_letters, None, msg.key(), self._dead_letter(msg, parsed))
+        command = parsed.command
         max_epoch = tx.max_epoch(command.saga_id)
         decision = decide(command, tx.journal(command.saga_id, command.step), max_epoch)
-        handler = handlers.execute if command.action is Action.EXECUTE else handlers.compensate
+        handler = parsed.handlers.get(command.action)
         if decision.verdict is Verdict.RUN and handler is None:
-            return [self._dead_letter(tx, msg, f"participant {self.name!r} has no {command.action.value.lower()} "
-                                      f"handler for step {command.step!r}", "UnknownStep")]
+            return tx.enqueue(self.topics.dead_letters, None, msg.key(),
+                              self._dead_letter(msg, self._no_handler(command)))
 
-        reply, encoded = self._answer(tx, command, decision, max_epoch, handler, payload, outputs)
-        self.stats.by_outcome[reply.outcome.value] = self.stats.by_outcome.get(reply.outcome.value, 0) + 1
-        return [tx.enqueue(command.reply_topic, command.reply_partition, command.saga_id.encode(),
-                           encoded or self._codec.encode(reply))]
-
-    def _answer(
-        self,
-        tx: StoreTransaction,
-        command: ParticipantCommand,
-        decision: Decision,
-        max_epoch: int | None,
-        handler: Handler | None,
-        payload: Any,
-        outputs: dict[str, Any],
-    ) -> tuple[ParticipantReply, bytes | None]:
-        """The reply to a decided command, and its encoding when it is already known."""
+        if decision.verdict is not Verdict.REFUSE and (max_epoch is None or command.epoch > max_epoch):
+            tx.raise_epoch(command.saga_id, command.epoch)
+        encoded: bytes | None = None
         if decision.verdict is Verdict.REFUSE:
             self.stats.refused += 1
             _log.info("%s: refused %s (epoch %d): %s", self.name, command.command_id, command.epoch, decision.reason)
-            return self._reply(command, ReplyOutcome.REFUSED, error=decision.reason), None
-        if max_epoch is None or command.epoch > max_epoch:
-            tx.raise_epoch(command.saga_id, command.epoch)
-
-        if decision.verdict is Verdict.REPLAY:
+            reply = self._reply(command, ReplyOutcome.REFUSED, error=decision.reason)
+        elif decision.verdict is Verdict.REPLAY:
             assert decision.recorded is not None
             self.stats.replays += 1
             recorded = decision.recorded
-            return self._reply(command, recorded.outcome, output=recorded.output, error=recorded.error), None
-
-        if decision.verdict is Verdict.SKIP:
+            reply = self._reply(command, recorded.outcome, output=recorded.output, error=recorded.error)
+        elif decision.verdict is Verdict.SKIP:
             self.stats.skipped += 1
             _log.info("%s: %s: %s", self.name, command.command_id, decision.reason)
-            tx.record(self._entry(command, ReplyOutcome.SUCCESS))
-            return self._reply(command, ReplyOutcome.SUCCESS), None
+            reply = self._reply(command, ReplyOutcome.SUCCESS)
+            tx.record(self._entry(reply))
+        else:
+            assert handler is not None
+            reply, encoded = self._run(parsed, handler, tx.handle, tx.savepoint())
+            final = reply.outcome is ReplyOutcome.SUCCESS or (
+                reply.outcome is ReplyOutcome.BUSINESS_FAILURE and command.action is Action.EXECUTE
+            )
+            if final:  # RETRYABLE_ERROR, and a failed compensation, run again on the next attempt
+                tx.record(self._entry(reply))
+        self._count(reply)
+        return tx.enqueue(command.reply_topic, command.reply_partition, command.saga_id.encode(),
+                          encoded if encoded is not None else self._codec.encode(reply))
 
-        assert handler is not None
+    def _handle_stateless(self, msg: Message) -> OutboxRow:
+        parsed = self._parse(msg)
+        handler = None if isinstance(parsed, _Reject) else parsed.handlers.get(parsed.command.action)
+        if isinstance(parsed, _Reject) or handler is None:
+            reject = parsed if isinstance(parsed, _Reject) else self._no_handler(parsed.command)
+            return OutboxRow(next(self._row_ids), self.topics.dead_letters, None, msg.key(),
+                             self._dead_letter(msg, reject))
+        reply, encoded = self._run(parsed, handler, None, nullcontext())
+        self._count(reply)
+        command = parsed.command
+        return OutboxRow(next(self._row_ids), command.reply_topic, command.reply_partition,
+                         command.saga_id.encode(), encoded)
+
+    def _run(
+        self, parsed: _Parsed, handler: Handler, handle: Any, savepoint: AbstractContextManager[Any]
+    ) -> tuple[ParticipantReply, bytes]:
+        """Call the handler; its writes stay only if it returns (inside ``savepoint``)."""
+        command = parsed.command
         self.stats.handler_runs += 1
         ctx = StepContext(
             saga_id=command.saga_id,
@@ -656,31 +748,29 @@ class Participant:
             attempt=command.attempt,
             epoch=command.epoch,
             command_id=command.command_id,
-            payload=payload,
-            outputs=outputs,
+            payload=parsed.payload,
+            outputs=parsed.outputs,
             deadline_ms=command.deadline_ms,
         )
         try:
-            with tx.savepoint():
-                result = handler(ctx, tx.handle)
+            with savepoint:
+                result = handler(ctx, handle)
                 output = json.dumps({} if result is None else result, separators=(",", ":"))
                 reply = self._reply(command, ReplyOutcome.SUCCESS, output=output)
-                encoded = self._codec.encode(reply)  # an oversized output fails here, and undoes the writes
+                # Encoded inside the savepoint: an output too large to send undoes the writes.
+                return reply, self._codec.encode(reply)
         except BusinessFailure as failure:
             error = str(failure)[:_MAX_ERROR_CHARS] or type(failure).__name__
-            if command.action is Action.EXECUTE:
-                tx.record(self._entry(command, ReplyOutcome.BUSINESS_FAILURE, error=error))
-            else:
+            if command.action is Action.COMPENSATE:
                 _log.warning("%s: compensation %s failed (%s); the manager will retry it",
                              self.name, command.command_id, error)
-            return self._reply(command, ReplyOutcome.BUSINESS_FAILURE, error=error), None
+            reply = self._reply(command, ReplyOutcome.BUSINESS_FAILURE, error=error)
         except Exception as err:  # any bug or outage in a handler: nothing changed, try again
             _log.warning("%s: %s attempt %d failed, answering RETRYABLE_ERROR", self.name, command.command_id,
                          command.attempt, exc_info=True)
-            error = f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS]
-            return self._reply(command, ReplyOutcome.RETRYABLE_ERROR, error=error), None
-        tx.record(self._entry(command, ReplyOutcome.SUCCESS, output=output))
-        return reply, encoded
+            reply = self._reply(command, ReplyOutcome.RETRYABLE_ERROR,
+                                error=f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS])
+        return reply, self._codec.encode(reply)
 
     def _reply(
         self, command: ParticipantCommand, outcome: ReplyOutcome, *, output: str | None = None, error: str | None = None
@@ -702,34 +792,37 @@ class Participant:
         )
 
     @staticmethod
-    def _entry(
-        command: ParticipantCommand, outcome: ReplyOutcome, *, output: str | None = None, error: str | None = None
-    ) -> JournalEntry:
-        return JournalEntry(command.saga_id, command.step, command.action, command.command_id, outcome, output,
-                            error, _now_ms())
+    def _entry(reply: ParticipantReply) -> JournalEntry:
+        return JournalEntry(reply.saga_id, reply.step, reply.action, reply.command_id, reply.outcome, reply.output,
+                            reply.error, reply.replied_ms)
 
-    def _dead_letter(self, tx: StoreTransaction, msg: Message, reason: str, error_type: str) -> OutboxRow:
+    def _count(self, reply: ParticipantReply) -> None:
+        key = reply.outcome.value
+        self.stats.by_outcome[key] = self.stats.by_outcome.get(key, 0) + 1
+
+    def _dead_letter(self, msg: Message, reject: _Reject) -> bytes:
+        """The encoded DeadLetter for a message: the original bytes, where they were, and why."""
         self.stats.dead_letters += 1
         partition, offset = _where(msg)
-        _log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, self.command_topic, partition, offset, reason)
+        _log.warning("%s: dead-lettering %s[%d]@%d: %s", self.name, self.command_topic, partition, offset,
+                     reject.reason)
         letter = DeadLetter(
             source_topic=self.command_topic,
             source_partition=partition,
             source_offset=offset,
             key=msg.key(),
             value=msg.value(),
-            reason=reason[:_MAX_ERROR_CHARS],
-            error_type=error_type,
+            reason=reject.reason[:_MAX_ERROR_CHARS],
+            error_type=reject.error_type,
             component=self._component,
             dead_lettered_ms=_now_ms(),
         )
         try:
-            data = self._codec.encode(letter)
-        except MalformedRecord:  # the original is too big to carry: keep where it is instead
-            data = self._codec.encode(letter.model_copy(update={
+            return self._codec.encode(letter)
+        except MalformedRecord:  # the original is too big to carry: point at it instead
+            return self._codec.encode(letter.model_copy(update={
                 "value": None, "reason": f"{letter.reason} (value too large to copy; read it at the source offset)"
             }))
-        return tx.enqueue(self.topics.dead_letters, None, msg.key(), data)
 
     # --- bookkeeping --------------------------------------------------------------------
 
@@ -738,7 +831,7 @@ class Participant:
         if self._relay is None:
             return
         delivered = self._relay.take_delivered()
-        if not delivered:
+        if not delivered or self.store is None:
             return
         try:
             with self.store.transaction() as tx:
@@ -747,8 +840,18 @@ class Participant:
             self._relay.give_back(delivered)
             _log.exception("%s: could not delete %d delivered outbox rows; will retry", self.name, len(delivered))
 
+    def _release_acknowledged_offsets(self) -> None:
+        """Stateless mode: a batch's offsets may be committed once all its replies are acknowledged."""
+        if self._relay is None:
+            return
+        oldest = self._relay.oldest_in_flight()
+        while self._unacked_offsets and (oldest is None or self._unacked_offsets[0][0] < oldest):
+            _, offsets = self._unacked_offsets.popleft()
+            self._kafka_offsets.update(offsets)
+
     def _commit_to_kafka(self, *, force: bool, asynchronous: bool = True) -> None:
-        """Mirror the locally committed offsets to Kafka, about once a second (for lag monitoring)."""
+        """Copy committed offsets to Kafka about once a second (lag monitoring; the source of truth
+        in stateless mode)."""
         if self._consumer is None or not self._kafka_offsets:
             return
         now = time.monotonic()

@@ -58,6 +58,9 @@ class SagaDefinition(BaseModel):
     version: int = Field(default=1, ge=1)
     steps: tuple[StepDefinition, ...] = Field(min_length=1)
     compensation_retry: RetryPolicy = RetryPolicy(backoff_initial_s=0.2, backoff_max_s=30.0)
+    payload_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema the saga's payload must satisfy (checked at start)."
+    )
 
     @model_validator(mode="after")
     def _check_graph(self) -> SagaDefinition:
@@ -72,7 +75,25 @@ class SagaDefinition(BaseModel):
                 if dep == step.name:
                     raise ValueError(f"step {step.name!r} depends on itself")
         self._topological_order()  # raises on a cycle
+        if self.payload_schema is not None:
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.payload_schema)
+            except jsonschema.SchemaError as err:
+                raise ValueError(f"payload_schema is not a valid JSON Schema: {err.message}") from err
         return self
+
+    def validate_payload(self, payload: Any) -> None:
+        """Raise :class:`ConfigError` naming the first problem if ``payload`` breaks ``payload_schema``."""
+        if self.payload_schema is None:
+            return
+        import jsonschema
+
+        error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(self.payload_schema).iter_errors(payload))
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path)) or "(payload)"
+            raise ConfigError(f"payload for saga type {self.name!r} is invalid at {where}: {error.message}")
 
     def dependencies(self, step: str) -> tuple[str, ...]:
         return self._deps[step]
