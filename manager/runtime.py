@@ -73,8 +73,10 @@ class ManagerSettings(BaseModel):
     client_overrides: dict[str, Any] = Field(default_factory=dict)
     #: Below the session timeout a frozen manager keeps its partitions; above it, another takes over.
     session_timeout_ms: int = 6000
-    #: Finished sagas are tombstoned (removed from the compacted log) this long after they end.
-    finished_retention_s: float = 7 * 24 * 3600
+    #: Finished sagas are tombstoned (removed from the compacted log) and forgotten this long after
+    #: they end. Until then a repeated start of the same id is recognised and ignored. It bounds
+    #: both the log and the manager's memory; `saga status` keeps history in its own read model.
+    finished_retention_s: float = 600.0
     max_batch: int = 2000
     #: After a takeover, no deadline fires until the inbox has been read up to where it ended at
     #: takeover (replies that arrived while the partition had no owner count), or this long.
@@ -110,6 +112,7 @@ class Owned:
     #: Timers wait until the inbox is read up to here (its end at takeover) or until ``catch_up_by``.
     catch_up_to: int = 0
     catch_up_by: int = 0
+    next_sweep_ms: int = 0
 
 
 class Manager:
@@ -174,6 +177,8 @@ class Manager:
                 self._handle_inbox(owned, msg, now)
         for owned in list(self.owned.values()):
             self._fire_timers(owned, now)
+            if now >= owned.next_sweep_ms:
+                self._tombstone_finished(owned, now)
         for p, owned in list(self.owned.items()):
             if owned.outbox:
                 self._commit(p, owned)
@@ -218,7 +223,7 @@ class Manager:
         owned.outbox.log.append(
             (PartitionClaim.key(p), self.codec.encode(PartitionClaim(partition=p, epoch=owned.epoch, owner=self.settings.instance_id, timestamp_ms=now)))
         )
-        for saga_id, state in fold.sagas.items():
+        for saga_id, state in sorted(fold.sagas.items(), key=lambda item: item[1].updated_ms):
             if state.status.terminal:
                 owned.finished[saga_id] = state.updated_ms
             else:
@@ -374,6 +379,19 @@ class Manager:
                 log.error("timer for saga %s refused by the state machine: %s", saga_id, err)
                 continue
             self._apply(owned, decision, now)
+
+    def _tombstone_finished(self, owned: Owned, now: int) -> None:
+        """Remove sagas that ended more than ``finished_retention_s`` ago from the log and memory."""
+        owned.next_sweep_ms = now + 1000
+        horizon = now - int(self.settings.finished_retention_s * 1000)
+        expired = []
+        for saga_id, ended in owned.finished.items():  # insertion order is (about) end order
+            if ended > horizon:
+                break
+            expired.append(saga_id)
+        for saga_id in expired:
+            del owned.finished[saga_id]
+            owned.outbox.log.append((saga_id.encode(), None))
 
     def _apply(self, owned: Owned, decision: decide.Decision, now: int) -> None:
         state = decision.state

@@ -43,14 +43,14 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 class ManagerProcess:
     """``saga manager`` as a real OS process, so it can be SIGKILLed and SIGSTOPped."""
 
-    def __init__(self, bootstrap: str, topics: Topics, definitions: Path, log_dir: Path, name: str, *, partitions: int = 4, session_timeout_ms: int = 6000) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, definitions: Path, log_dir: Path, name: str, *, partitions: int = 4, session_timeout_ms: int = 6000, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.args = [
             sys.executable, "-m", "sagalog.cli", "manager",
             "-b", bootstrap, "--topic-prefix", topics.prefix, "--group-id", f"{topics.prefix}-managers",
             "--definitions", str(definitions), "--partitions", str(partitions),
-            "--session-timeout-ms", str(session_timeout_ms), "--log-level", "INFO",
+            "--session-timeout-ms", str(session_timeout_ms), "--log-level", "INFO", *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 

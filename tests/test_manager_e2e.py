@@ -226,3 +226,26 @@ def test_bad_inbox_messages_are_dead_lettered_and_the_manager_keeps_going(env) -
     assert "not JSON" in reasons[b"x-2"]
     assert all(dl.value is not None and dl.source_topic == topics.inbox for dl in letters)
     assert time.time()  # the manager's clean exit is asserted by the fixture
+
+
+def test_finished_sagas_are_tombstoned_after_retention(bootstrap: str, make_topics, tmp_path: Path) -> None:
+    topics = make_topics(partitions=2, participants=PARTICIPANTS)
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(DEFINITIONS)
+    manager = ManagerProcess(bootstrap, topics, defs, tmp_path, "tomb", partitions=2, extra=("--finished-retention-s", "0")).start()
+    try:
+        with ScriptedParticipant(bootstrap, topics, PARTICIPANTS):
+            start_sagas(bootstrap, topics, "three", ["gone-1"])
+
+            def tombstoned() -> bool:
+                entries = [e for e in scan(bootstrap, topics) if e.key == b"gone-1"]
+                return bool(entries) and entries[-1].item is None
+
+            wait_for(tombstoned, 60, "a tombstone for the finished saga")
+        events = [type(e.item.event).__name__ for e in scan(bootstrap, topics) if e.key == b"gone-1" and e.item is not None]
+        assert events[-1] == "SagaEnded"  # tombstoned only after it finished
+        from sagalog.reader import saga_states
+
+        assert "gone-1" not in saga_states(bootstrap, topics)
+    finally:
+        assert manager.stop() == 0

@@ -34,6 +34,7 @@ def default_definitions() -> list[Path]:
 @click.option("--restart/--no-restart", default=False, help="With --replicas: restart a replica that dies.")
 @click.option("--partitions", type=click.IntRange(min=1), default=6, show_default=True, help="Partitions for topics created at startup.")
 @click.option("--session-timeout-ms", type=click.IntRange(min=1000), default=6000, show_default=True, help="After this long without heartbeats a replica's partitions move to the others.")
+@click.option("--finished-retention-s", type=click.FloatRange(min=0), default=600.0, show_default=True, help="Tombstone finished sagas this long after they end (repeated starts are ignored until then).")
 @click.option("-X", "client_settings", multiple=True, metavar="KEY=VALUE", help="librdkafka setting for every client (SASL/TLS...).")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def manager_command(
@@ -45,6 +46,7 @@ def manager_command(
     restart: bool,
     partitions: int,
     session_timeout_ms: int,
+    finished_retention_s: float,
     client_settings: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -76,6 +78,7 @@ def manager_command(
         group_id=group_id,
         client_overrides=overrides,
         session_timeout_ms=session_timeout_ms,
+        finished_retention_s=finished_retention_s,
     )
     manager = Manager(settings)
     signal.signal(signal.SIGTERM, lambda *_: manager.stop())

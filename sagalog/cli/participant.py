@@ -1,0 +1,173 @@
+"""``saga participant run|list``: run the example participants (travel, orders, no-op).
+
+Several participants run in one process, one SDK instance and one thread each: their loops
+spend nearly all their time blocked in librdkafka (which releases the GIL), so an idle process
+costs next to no CPU. SIGTERM or SIGINT stops them gracefully (replies already committed are
+delivered first); a second signal kills the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from sagalog.cli import cli
+from sagalog.cli.common import bootstrap_option, prefix_option
+
+_log = logging.getLogger("sagalog.cli.participant")
+
+
+@cli.group("participant")
+def participant_group() -> None:
+    """Run example participants (flights, hotels, cars, credit, payments, noop)."""
+
+
+@participant_group.command("list")
+def list_command() -> None:
+    """Show the example participants, the saga type they serve and what they keep."""
+    from participants.examples import EXAMPLE_DEFINITIONS_DIR, EXAMPLES
+
+    width = max(map(len, EXAMPLES))
+    for example in EXAMPLES.values():
+        click.echo(f"{example.name:<{width}}  {example.saga_type:<12}  {example.description}")
+    click.echo(f"\nsaga definitions: {EXAMPLE_DEFINITIONS_DIR}")
+
+
+@participant_group.command("run")
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--db-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".saga/participants"),
+    show_default=True,
+    help="Directory of the participants' SQLite files (<name>.db: journal, outbox, offsets, inventory).",
+)
+@click.option(
+    "--failure-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of sagas that cars/payments refuse (deterministic by saga id), so some sagas abort.",
+)
+@click.option(
+    "--glitch-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of attempts that fail with a transient error (RETRYABLE_ERROR), so the manager retries.",
+)
+@click.option("--capacity", type=int, default=None, help="Stock per item (seats per flight, credit limit, ...).")
+@click.option(
+    "--session-timeout-ms",
+    type=int,
+    default=6000,
+    show_default=True,
+    help="Consumer group session timeout: how fast a dead participant's partitions move to another.",
+)
+@bootstrap_option
+@prefix_option
+@click.option(
+    "-X",
+    "client_settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="librdkafka client setting, e.g. -X security.protocol=SASL_SSL (repeatable).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+def run_command(
+    names: tuple[str, ...],
+    db_dir: Path,
+    failure_rate: float,
+    glitch_rate: float,
+    capacity: int | None,
+    session_timeout_ms: int,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    client_settings: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Run the example participants NAME... until SIGTERM/SIGINT (see 'saga participant list').
+
+    Their command topics must exist ('saga topics create --participant NAME ...'). Each keeps
+    its state in DB_DIR/NAME.db: restart with the same --db-dir to resume where it stopped.
+    """
+    from participants.examples import ExampleOptions, build_participant, example_for
+    from participants.sdk import Participant
+    from sagalog.cli.topics import topics_for
+    from sagalog.errors import ConfigError, SagaError
+    from sagalog.kafka import check_reachable, parse_overrides
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"participant(s) named twice: {', '.join(duplicates)}")
+    for name in names:
+        example_for(name)  # unknown names fail here, before anything starts
+    options = ExampleOptions(failure_rate=failure_rate, glitch_rate=glitch_rate, capacity=capacity)
+    overrides = parse_overrides(client_settings)
+    topics = topics_for(topic_prefix)
+    check_reachable(bootstrap_servers, overrides=overrides)
+
+    participants: list[Participant] = [
+        build_participant(
+            name,
+            topics=topics,
+            bootstrap=bootstrap_servers,
+            db_dir=db_dir,
+            options=options,
+            overrides=overrides,
+            session_timeout_ms=session_timeout_ms,
+        )
+        for name in names
+    ]
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def serve(participant: Participant) -> None:
+        try:
+            participant.run()
+        except BaseException as err:  # reported below; the other participants are stopped
+            _log.exception("participant %s stopped on an error", participant.name)
+            failures.append(err)
+        finally:
+            stop.set()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        _log.info("%s: stopping (again to kill)", signal.Signals(signum).name)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threads = [threading.Thread(target=serve, args=(p,), name=f"participant-{p.name}") for p in participants]
+    try:
+        for thread in threads:
+            thread.start()
+        click.echo(
+            f"participants {', '.join(names)} running on {bootstrap_servers} (prefix {topic_prefix}, "
+            f"state in {db_dir}); Ctrl-C to stop",
+            err=True,
+        )
+        stop.wait()
+    finally:
+        for participant in participants:
+            participant.stop()
+        for thread in threads:
+            thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failures:
+        err = failures[0]
+        if isinstance(err, SagaError):
+            raise err
+        raise SagaError(f"a participant stopped on an unexpected error: {type(err).__name__}: {err}") from err
