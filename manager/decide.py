@@ -74,7 +74,7 @@ class Decision:
 
 
 def _record(state: SagaState, event: Event, ctx: Context) -> SagaLogRecord:
-    return SagaLogRecord.model_construct(
+    return SagaLogRecord(
         saga_id=state.saga_id,
         seq=state.seq,
         epoch=ctx.epoch,
@@ -266,7 +266,7 @@ def _retry_compensation(state: SagaState, name: str, definition: SagaDefinition,
 
 def _command(state: SagaState, definition: SagaDefinition, step: str, action: Action, attempt: int, deadline_ms: int, ctx: Context) -> tuple[str, ParticipantCommand]:
     outputs = {s.name: json.loads(s.output) for s in state.steps if s.output is not None}
-    command = ParticipantCommand.model_construct(
+    command = ParticipantCommand(
         command_id=ParticipantCommand.make_id(state.saga_id, step, action),
         saga_id=state.saga_id,
         saga_type=state.saga_type,

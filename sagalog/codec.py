@@ -132,11 +132,16 @@ class Codec:
 
 
 def _to_avro(record: Frozen) -> dict[str, Any]:
-    datum = record.model_dump()
+    """The Avro datum of a record. Built from ``__dict__`` (not ``model_dump``): this runs for
+    every message, and the fields already hold Avro-compatible values (StrEnum members are str)."""
     if isinstance(record, SagaLogRecord):
+        snapshot = record.snapshot
+        datum = dict(record.__dict__)
         # Unions of records are written as (name, datum) so fastavro need not guess the branch.
-        datum["event"] = (record.event.AVRO_NAME, datum["event"])
-    return datum
+        datum["event"] = (record.event.AVRO_NAME, record.event.__dict__)
+        datum["snapshot"] = {**snapshot.__dict__, "steps": [step.__dict__ for step in snapshot.steps]}
+        return datum
+    return record.__dict__
 
 
 def _from_avro(model: type[Frozen], datum: dict[str, Any]) -> Frozen:

@@ -81,6 +81,9 @@ STEP_TRANSITIONS: dict[tuple[StepStatus, Any], StepStatus] = {
 NEEDS_COMPENSATION = frozenset({T.SUCCEEDED, T.TIMED_OUT, T.RUNNING, T.COMPENSATING})
 
 
+_SNAPSHOT_FIELDS = tuple(SagaSnapshot.model_fields)
+
+
 class SagaState(SagaSnapshot):
     """A saga as the log says it is: the snapshot plus its id, sequence number and epoch."""
 
@@ -99,13 +102,13 @@ class SagaState(SagaSnapshot):
         raise KeyError(name)
 
     def snapshot(self) -> SagaSnapshot:
-        return SagaSnapshot.model_construct(**{k: getattr(self, k) for k in SagaSnapshot.model_fields})
+        return SagaSnapshot(**{k: getattr(self, k) for k in _SNAPSHOT_FIELDS})
 
     @classmethod
     def from_record(cls, record: SagaLogRecord) -> SagaState:
         snap = record.snapshot
-        return cls.model_construct(
-            **{k: getattr(snap, k) for k in SagaSnapshot.model_fields},
+        return cls(
+            **{k: getattr(snap, k) for k in _SNAPSHOT_FIELDS},
             saga_id=record.saga_id,
             seq=record.seq,
             epoch=record.epoch,

@@ -1,0 +1,905 @@
+"""The query side: a local SQLite read model of the saga log, caught up incrementally.
+
+``saga status``, ``history``, ``list``, ``cancel``, ``start --wait`` and the demo's progress all
+answer from here. The design, and why:
+
+* **It reads the log, never the managers.** The log is the only state there is, so a query
+  needs no manager to be up: it answers while managers are killed, restarting or rebalancing,
+  and it shows exactly what a manager would rebuild on takeover (the same fold,
+  :class:`sagalog.fold.PartitionFold`: sequence checks, stale-epoch rejection, re-basing on a
+  snapshot after compaction).
+* **It is a cache, caught up incrementally.** A SQLite file remembers, per log partition, the
+  *next offset to read* (``partitions.next_offset``; one past the last record folded, or the
+  partition end reached, since transaction markers take offsets too). A query reads only what
+  was appended since the last query, with ``assign()`` (no consumer group, no commits), up to
+  the partition's end as the broker reports it (the last stable offset: read_committed).
+* **One saga, one partition.** A saga's records are keyed by its id, so they all live on the
+  partition Kafka's murmur2 partitioner picks for that key (:func:`partition_for`, the Java
+  client's algorithm, which the producers here use too). A status query catches up that one
+  partition and then is one indexed SQLite lookup: with a million sagas in the log and a warm
+  model, its cost is a metadata request, a watermark request and the records appended since
+  the last query. ``saga list`` catches up every partition.
+* **Bounded memory.** Records are folded one ``consume()`` batch at a time: the states a batch
+  touches are loaded from SQLite, folded, written back with the batch's history rows and the
+  new next offsets in one transaction, and dropped.
+
+Tables (all rebuildable from the log at any time; delete the file to start over)::
+
+    meta        key -> value: schema version, bootstrap, prefix, topic id, partition count
+    partitions  partition, next_offset, epoch (newest claim), owner, claimed_ms,
+                records, decode_errors, rejected
+    sagas       id, partition, type, status, seq, epoch, started_ms, updated_ms, current steps,
+                reason, definition_id, snapshot (JSON of the saga state, without the definition)
+    definitions id (hash), json: pinned definitions, stored once however many sagas share one
+    history     partition, offset, saga_id, seq, epoch, timestamp_ms, event_type, event (JSON),
+                writer, rejected (why the fold refused it, or NULL)
+    removed     saga_id, partition, offset, removed_ms: sagas a tombstone deleted from the log
+
+**Tombstones** delete the saga and its history (the log no longer has it either) and leave a
+row in ``removed``, so ``saga status`` can say "finished and removed" instead of "unknown".
+**Undecodable records** are skipped and counted per partition (and listed in the saga's
+history when their key names one); records the fold refuses are kept in the history with the
+reason. **A recreated log** (new topic id, or a stored offset past the partition's end, as
+after a restart of the memory-only embedded broker) resets the affected partitions.
+
+The file lives in ``$SAGA_STATE_DIR``, else ``$XDG_CACHE_HOME/saga`` or ``~/.cache/saga``,
+named after the prefix and a hash of bootstrap servers and prefix. Several processes may use
+one file: catching up is serialised by a lock file, reads go through SQLite's WAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicCollection, TopicPartition
+
+from sagalog.codec import Codec
+from sagalog.config import Topics
+from sagalog.definition import SagaDefinition, definition_from_json
+from sagalog.errors import BrokerError, BrokerUnavailable, ConfigError, DecodeError
+from sagalog.fold import PartitionFold, SagaState
+from sagalog.kafka import ClientOverrides, admin_client, reader_config, translate
+from sagalog.records import PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
+
+SCHEMA_VERSION = "1"
+STATE_DIR_ENV = "SAGA_STATE_DIR"
+#: Steps in these states are what a saga is "at" right now.
+ACTIVE_STEP = frozenset({StepStatus.RUNNING, StepStatus.COMPENSATING})
+_CLAIM_PREFIX = b"__claim__/"
+
+
+# --- Kafka's partitioner --------------------------------------------------------------------
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (Java client ``Utils.murmur2``) as a signed 32-bit int.
+
+    librdkafka's ``murmur2_random`` partitioner, which our producers use, is the same function,
+    so this tells which partition a saga id's records land on without asking the broker.
+    """
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    whole = length & ~3
+    for (k,) in struct.iter_unpack("<I", data[:whole]):
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        k = (k * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    tail = length & 3
+    if tail == 3:
+        h ^= data[whole + 2] << 16
+    if tail >= 2:
+        h ^= data[whole + 1] << 8
+    if tail >= 1:
+        h ^= data[whole]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (Java) partitioner picks for a non-null ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class SagaNotFound(ConfigError):
+    """No saga with this id in the log (a user mistake: a typo, another --topic-prefix...)."""
+
+
+class SagaRemoved(SagaNotFound):
+    """The saga finished and a tombstone removed it from the log after the retention period."""
+
+
+# --- what queries return ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The newest ``PartitionClaim`` of a partition: who owns it (as far as the log knows)."""
+
+    partition: int
+    owner: str
+    epoch: int
+    claimed_ms: int
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One log record of a saga, as read (``rejected``: why the fold did not apply it)."""
+
+    partition: int
+    offset: int
+    seq: int | None
+    epoch: int | None
+    timestamp_ms: int
+    event_type: str
+    event: dict[str, Any]
+    writer: str | None
+    rejected: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "partition": self.partition,
+            "offset": self.offset,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "timestamp_ms": self.timestamp_ms,
+            "event_type": self.event_type,
+            "event": self.event,
+            "writer": self.writer,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass(frozen=True)
+class SagaSummary:
+    """One row of ``saga list``."""
+
+    saga_id: str
+    partition: int
+    saga_type: str
+    status: SagaStatus
+    seq: int
+    started_ms: int
+    updated_ms: int
+    current: tuple[str, ...]
+    reason: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "saga_id": self.saga_id,
+            "partition": self.partition,
+            "saga_type": self.saga_type,
+            "status": self.status.value,
+            "seq": self.seq,
+            "started_ms": self.started_ms,
+            "updated_ms": self.updated_ms,
+            "current_steps": list(self.current),
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class SagaView:
+    """Everything ``saga status`` shows: the state, where it lives and its history."""
+
+    state: SagaState
+    partition: int
+    claim: Claim | None
+    history: tuple[HistoryEntry, ...]
+
+    @property
+    def definition(self) -> SagaDefinition:
+        return self.state.definition_model
+
+    @property
+    def current(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.state.steps if s.status in ACTIVE_STEP)
+
+
+@dataclass
+class CatchUpStats:
+    """What one catch-up did (for tests, the demo and ``--verbose`` style output)."""
+
+    partitions: tuple[int, ...] = ()
+    records: int = 0
+    decode_errors: int = 0
+    rejected: int = 0
+    resets: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS partitions (
+    partition INTEGER PRIMARY KEY,
+    next_offset INTEGER NOT NULL DEFAULT 0,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    claimed_ms INTEGER,
+    records INTEGER NOT NULL DEFAULT 0,
+    decode_errors INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS definitions (id TEXT PRIMARY KEY, json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sagas (
+    id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    current TEXT NOT NULL,
+    reason TEXT,
+    definition_id TEXT NOT NULL,
+    snapshot TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sagas_by_start ON sagas (started_ms DESC);
+CREATE INDEX IF NOT EXISTS sagas_by_status ON sagas (status, started_ms DESC);
+CREATE INDEX IF NOT EXISTS sagas_by_type ON sagas (type, started_ms DESC);
+CREATE INDEX IF NOT EXISTS sagas_by_partition ON sagas (partition);
+CREATE TABLE IF NOT EXISTS history (
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    saga_id TEXT NOT NULL,
+    seq INTEGER,
+    epoch INTEGER,
+    timestamp_ms INTEGER NOT NULL,
+    event_type TEXT NOT NULL,
+    event TEXT NOT NULL,
+    writer TEXT,
+    rejected TEXT,
+    PRIMARY KEY (partition, offset)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_by_saga ON history (saga_id, partition, offset);
+CREATE TABLE IF NOT EXISTS removed (
+    saga_id TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    removed_ms INTEGER NOT NULL
+);
+"""
+_DATA_TABLES = ("partitions", "sagas", "definitions", "history", "removed")
+
+
+def default_state_dir() -> Path:
+    """``$SAGA_STATE_DIR``, else ``$XDG_CACHE_HOME/saga``, else ``~/.cache/saga``."""
+    explicit = os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "saga"
+
+
+def model_path(state_dir: Path, bootstrap: str, prefix: str) -> Path:
+    """One file per (bootstrap servers, topic prefix): a different cluster is a different log."""
+    digest = hashlib.sha256(f"{bootstrap}\0{prefix}".encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix)[:40]
+    return state_dir / f"readmodel-{readable}-{digest}.sqlite"
+
+
+def _definition_id(canonical_json: str) -> str:
+    return hashlib.blake2b(canonical_json.encode(), digest_size=10).hexdigest()
+
+
+# --- the read model ---------------------------------------------------------------------------
+
+
+class ReadModel:
+    """The SQLite read model of one deployment's saga log (a context manager; close it).
+
+    Every query method catches up first (``catch_up=False`` answers from the file as it is).
+    Raises :class:`BrokerUnavailable` when no broker answers, :class:`ConfigError` when the
+    log topic does not exist, :class:`SagaNotFound` for an unknown saga id.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        *,
+        state_dir: Path | None = None,
+        overrides: ClientOverrides | None = None,
+        codec: Codec | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.overrides = dict(overrides or {})
+        self.timeout_s = timeout_s
+        self.state_dir = state_dir or default_state_dir()
+        self.path = model_path(self.state_dir, bootstrap, topics.prefix)
+        self._codec = codec
+        self._consumer: Consumer | None = None
+        self._partitions: int | None = None
+        self._topic_checked = False
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except (OSError, sqlite3.Error) as err:
+            raise ConfigError(
+                f"cannot open the read model {self.path}: {err}; pass --state-dir (or set {STATE_DIR_ENV}) "
+                f"to a writable directory"
+            ) from err
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # a cache: losing the last batch only re-reads it
+        with self._write():
+            self.db.executescript(_SCHEMA) if False else None  # (executescript would COMMIT; see below)
+        self._init_schema()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> ReadModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        self.db.close()
+
+    @property
+    def codec(self) -> Codec:
+        if self._codec is None:
+            self._codec = Codec()
+        return self._codec
+
+    def _init_schema(self) -> None:
+        with self._locked():
+            self.db.executescript(_SCHEMA)
+            version = self._meta("schema_version")
+            if version is not None and version != SCHEMA_VERSION:
+                self._reset_all()  # an older layout: it is a cache, rebuild it from the log
+            self._set_meta("schema_version", SCHEMA_VERSION)
+            self._set_meta("bootstrap", self.bootstrap)
+            self._set_meta("prefix", self.topics.prefix)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Only one process catches up a file at a time (another one would fold records twice)."""
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _reset_all(self) -> None:
+        with self._write():
+            for table in _DATA_TABLES:
+                self.db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+
+    def _reset_partition(self, p: int) -> None:
+        self.db.execute("DELETE FROM sagas WHERE partition = ?", (p,))
+        self.db.execute("DELETE FROM history WHERE partition = ?", (p,))
+        self.db.execute("DELETE FROM removed WHERE partition = ?", (p,))
+        self.db.execute("DELETE FROM partitions WHERE partition = ?", (p,))
+
+    # -- Kafka ---------------------------------------------------------------------------
+
+    def _client(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(reader_config(self.bootstrap, self.overrides))
+        return self._consumer
+
+    def _unavailable(self, err: BaseException) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"no Kafka broker answered at {self.bootstrap} within {self.timeout_s:g}s ({err}); "
+            f"start one ('saga broker', or 'saga demo' for everything), or pass --bootstrap-servers "
+            f"/ set SAGA_BOOTSTRAP_SERVERS"
+        )
+
+    def partition_count(self) -> int:
+        """Partitions of the log, from the broker (once per ReadModel); checks the topic exists."""
+        if self._partitions is not None:
+            return self._partitions
+        try:
+            # All topics, never one by name: brokers with auto-creation would create it.
+            meta = self._client().list_topics(timeout=self.timeout_s)
+        except KafkaException as err:
+            translated = translate(err, f"reading metadata from {self.bootstrap}")
+            raise (self._unavailable(err) if isinstance(translated, BrokerUnavailable) else translated) from err
+        topic = meta.topics.get(self.topics.log)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise ConfigError(
+                f"topic {self.topics.log} does not exist at {self.bootstrap}: no saga has run with "
+                f"--topic-prefix {self.topics.prefix} there; start a manager ('saga manager') or check "
+                f"--topic-prefix / --bootstrap-servers"
+            )
+        self._partitions = len(topic.partitions)
+        return self._partitions
+
+    def _check_topic_identity(self) -> None:
+        """Reset everything if the log topic was deleted and created again (a new topic id).
+
+        Brokers that do not report topic ids are covered by the offset check in ``catch_up``.
+        """
+        if self._topic_checked:
+            return
+        self._topic_checked = True
+        admin = admin_client(self.bootstrap, self.overrides)
+        try:
+            futures = admin.describe_topics(TopicCollection([self.topics.log]), request_timeout=self.timeout_s)
+            topic_id = str(futures[self.topics.log].result().topic_id)
+        except KafkaException:
+            return  # an older broker without topic ids: nothing to compare
+        partitions = str(self.partition_count())
+        with self._write():
+            known_id, known_n = self._meta("topic_id"), self._meta("partitions")
+            if (known_id is not None and known_id != topic_id) or (known_n is not None and known_n != partitions):
+                for table in _DATA_TABLES:
+                    self.db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+            self._set_meta("topic_id", topic_id)
+            self._set_meta("partitions", partitions)
+
+    def partition_of(self, saga_id: str) -> int:
+        return partition_for(saga_id.encode(), self.partition_count())
+
+    # -- catching up ---------------------------------------------------------------------
+
+    def catch_up(self, partitions: Iterable[int] | None = None) -> CatchUpStats:
+        """Fold what was appended to these partitions (default: all) since the last catch-up."""
+        started = time.monotonic()
+        count = self.partition_count()
+        self._check_topic_identity()
+        wanted = tuple(sorted(set(range(count) if partitions is None else partitions)))
+        stats = CatchUpStats(partitions=wanted)
+        with self._locked():
+            stored = dict(
+                self.db.execute(
+                    f"SELECT partition, next_offset FROM partitions WHERE partition IN ({','.join('?' * len(wanted))})",  # noqa: S608
+                    wanted,
+                ).fetchall()
+            )
+            ends: dict[int, int] = {}
+            assignment: list[TopicPartition] = []
+            consumer = self._client()
+            for p in wanted:
+                try:
+                    low, high = consumer.get_watermark_offsets(
+                        TopicPartition(self.topics.log, p), timeout=self.timeout_s
+                    )
+                except KafkaException as err:
+                    raise translate(err, f"reading the end of {self.topics.log}[{p}]") from err
+                start = stored.get(p, 0)
+                if start > high:
+                    # The log is shorter than what we read: it was recreated (e.g. the memory-only
+                    # embedded broker restarted). What we hold for this partition is another log's.
+                    with self._write():
+                        self._reset_partition(p)
+                    stats.resets.append(p)
+                    start = 0
+                start = max(start, low)  # below low: deleted by retention; the snapshots re-base
+                if high > start:
+                    ends[p] = high
+                    assignment.append(TopicPartition(self.topics.log, p, start))
+            if assignment:
+                self._consume(consumer, assignment, ends, stats)
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    def _consume(
+        self, consumer: Consumer, assignment: list[TopicPartition], ends: dict[int, int], stats: CatchUpStats
+    ) -> None:
+        consumer.assign(assignment)
+        try:
+            deadline = time.monotonic() + max(60.0, self.timeout_s)
+            remaining = dict(ends)
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"reading {self.topics.log} did not reach its end in time; try again", retryable=True
+                    )
+                batch: list[Message] = []
+                for msg in consumer.consume(5000, 0.05):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            remaining.pop(msg.partition(), None)
+                            continue
+                        raise translate(err, f"reading {self.topics.log}")
+                    if msg.partition() in remaining and msg.offset() < remaining[msg.partition()]:
+                        batch.append(msg)
+                        if msg.offset() >= remaining[msg.partition()] - 1:
+                            remaining.pop(msg.partition())
+                reached: dict[int, int] = {}
+                if remaining:  # transaction markers take offsets but are never delivered
+                    try:
+                        positions = consumer.position([TopicPartition(self.topics.log, p) for p in remaining])
+                    except KafkaException as err:
+                        raise translate(err, f"reading {self.topics.log}") from err
+                    for tp in positions:
+                        if tp.offset >= remaining[tp.partition]:
+                            remaining.pop(tp.partition)
+                for p, end in ends.items():
+                    if p not in remaining:
+                        reached[p] = end
+                self._apply_batch(batch, reached, stats)
+                ends = {p: e for p, e in ends.items() if p in remaining}
+        finally:
+            consumer.unassign()
+
+    def _apply_batch(self, batch: Sequence[Message], reached: dict[int, int], stats: CatchUpStats) -> None:
+        """Fold one consume() batch and store it with the new next offsets, atomically."""
+        by_partition: dict[int, list[Message]] = {}
+        for msg in batch:
+            by_partition.setdefault(msg.partition(), []).append(msg)
+        with self._write():
+            for p, msgs in by_partition.items():
+                self._fold_partition(p, msgs, stats)
+            for p, end in reached.items():
+                self.db.execute(
+                    "INSERT INTO partitions (partition, next_offset) VALUES (?, ?) "
+                    "ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                    (p, end),
+                )
+
+    def _fold_partition(self, p: int, msgs: list[Message], stats: CatchUpStats) -> None:
+        db = self.db
+        row = db.execute("SELECT epoch FROM partitions WHERE partition = ?", (p,)).fetchone()
+        fold = PartitionFold(partition=p, epoch=row[0] if row else 0, max_rejected_kept=len(msgs) + 1)
+        decoded: list[tuple[Message, Any]] = []
+        for msg in msgs:
+            value = msg.value()
+            try:
+                item: Any = None if value is None else self.codec.decode(value)
+            except DecodeError as bad:
+                item = bad.at(self.topics.log, p, msg.offset())
+            decoded.append((msg, item))
+        self._load_states(fold, {i.saga_id for _, i in decoded if isinstance(i, SagaLogRecord)})
+        touched: set[str] = set()
+        records = decode_errors = rejected = 0
+        claim: PartitionClaim | None = None
+        for msg, item in decoded:
+            key: bytes | None = msg.key()
+            offset, ts = msg.offset(), msg.timestamp()[1]
+            records += 1
+            if item is None:  # a tombstone: the saga is gone from the log, so it goes from here too
+                if key is not None and not key.startswith(_CLAIM_PREFIX):
+                    saga_id = key.decode("utf-8", "replace")
+                    fold.apply(key, None, offset)
+                    touched.discard(saga_id)
+                    db.execute("DELETE FROM sagas WHERE id = ?", (saga_id,))
+                    db.execute("DELETE FROM history WHERE saga_id = ?", (saga_id,))
+                    db.execute(
+                        "INSERT OR REPLACE INTO removed (saga_id, partition, offset, removed_ms) VALUES (?, ?, ?, ?)",
+                        (saga_id, p, offset, ts),
+                    )
+                continue
+            if isinstance(item, DecodeError) or not isinstance(item, SagaLogRecord | PartitionClaim):
+                decode_errors += 1
+                if key is not None and not key.startswith(_CLAIM_PREFIX):
+                    reason = str(item) if isinstance(item, DecodeError) else f"{type(item).__name__} on the log"
+                    db.execute(
+                        "INSERT OR REPLACE INTO history (partition, offset, saga_id, timestamp_ms, event_type, "
+                        "event, rejected) VALUES (?, ?, ?, ?, '(undecodable)', '{}', ?)",
+                        (p, offset, key.decode("utf-8", "replace"), ts, reason),
+                    )
+                continue
+            if isinstance(item, PartitionClaim):
+                fold.apply(key, item, offset)
+                if claim is None or item.epoch >= claim.epoch:
+                    claim = item
+                continue
+            before = len(fold.rejected)
+            fold.apply(key, item, offset)
+            why = fold.rejected[-1][1] if len(fold.rejected) > before else None
+            if why is not None:
+                rejected += 1
+            if item.saga_id in fold.sagas and (why is None or fold.sagas[item.saga_id].seq == item.seq):
+                touched.add(item.saga_id)
+                if item.seq == 1:
+                    db.execute("DELETE FROM removed WHERE saga_id = ?", (item.saga_id,))
+            db.execute(
+                "INSERT OR REPLACE INTO history (partition, offset, saga_id, seq, epoch, timestamp_ms, event_type, "
+                "event, writer, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    p,
+                    offset,
+                    item.saga_id,
+                    item.seq,
+                    item.epoch,
+                    item.timestamp_ms,
+                    type(item.event).__name__,
+                    item.event.model_dump_json(),
+                    item.writer,
+                    why,
+                ),
+            )
+        for saga_id in touched:
+            self._store_state(p, fold.sagas[saga_id])
+        db.execute(
+            "INSERT INTO partitions (partition, next_offset, epoch, records, decode_errors, rejected) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (partition) DO UPDATE SET "
+            "next_offset = max(next_offset, excluded.next_offset), epoch = max(epoch, excluded.epoch), "
+            "records = records + excluded.records, decode_errors = decode_errors + excluded.decode_errors, "
+            "rejected = rejected + excluded.rejected",
+            (p, msgs[-1].offset() + 1, fold.epoch, records, decode_errors, rejected),
+        )
+        if claim is not None:
+            db.execute(
+                "UPDATE partitions SET owner = ?, claimed_ms = ? WHERE partition = ? AND epoch <= ?",
+                (claim.owner, claim.timestamp_ms, p, claim.epoch),
+            )
+        stats.records += records
+        stats.decode_errors += decode_errors
+        stats.rejected += rejected
+
+    def _load_states(self, fold: PartitionFold, saga_ids: set[str]) -> None:
+        ids = list(saga_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            rows = self.db.execute(
+                "SELECT s.snapshot, d.json FROM sagas s JOIN definitions d ON d.id = s.definition_id "
+                f"WHERE s.id IN ({','.join('?' * len(chunk))})",  # noqa: S608 - placeholders only
+                chunk,
+            ).fetchall()
+            for snapshot, definition in rows:
+                state = _state_from_row(snapshot, definition)
+                fold.sagas[state.saga_id] = state
+
+    def _store_state(self, p: int, state: SagaState) -> None:
+        definition_id = _definition_id(state.definition)
+        self.db.execute(
+            "INSERT OR IGNORE INTO definitions (id, json) VALUES (?, ?)", (definition_id, state.definition)
+        )
+        snapshot = state.model_dump(mode="json", exclude={"definition"})
+        self.db.execute(
+            "INSERT OR REPLACE INTO sagas (id, partition, type, status, seq, epoch, started_ms, updated_ms, current, "
+            "reason, definition_id, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                state.saga_id,
+                p,
+                state.saga_type,
+                state.status.value,
+                state.seq,
+                state.epoch,
+                state.started_ms,
+                state.updated_ms,
+                ",".join(s.name for s in state.steps if s.status in ACTIVE_STEP),
+                state.reason,
+                definition_id,
+                json.dumps(snapshot, separators=(",", ":")),
+            ),
+        )
+
+    # -- queries -------------------------------------------------------------------------
+
+    def find(self, saga_id: str, *, catch_up: bool = True) -> SagaState | None:
+        """The saga's state, or None if the log has no such saga (catching up its partition only)."""
+        if catch_up:
+            self.catch_up([self.partition_of(saga_id)])
+        row = self.db.execute(
+            "SELECT s.snapshot, d.json FROM sagas s JOIN definitions d ON d.id = s.definition_id WHERE s.id = ?",
+            (saga_id,),
+        ).fetchone()
+        return None if row is None else _state_from_row(row[0], row[1])
+
+    def get(self, saga_id: str, *, catch_up: bool = True) -> SagaState:
+        """Like :meth:`find`, but an unknown id raises :class:`SagaNotFound` saying what to do."""
+        state = self.find(saga_id, catch_up=catch_up)
+        if state is None:
+            raise self._not_found(saga_id)
+        return state
+
+    def _not_found(self, saga_id: str) -> SagaNotFound:
+        removed = self.db.execute("SELECT removed_ms FROM removed WHERE saga_id = ?", (saga_id,)).fetchone()
+        if removed is not None:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(removed[0] / 1000))
+            return SagaRemoved(
+                f"saga {saga_id!r} finished and was removed from {self.topics.log} at {when} "
+                f"(tombstoned after the finished-saga retention); nothing more is known about it"
+            )
+        return SagaNotFound(
+            f"no saga {saga_id!r} in {self.topics.log} at {self.bootstrap}; check the id "
+            f"('saga list' shows recent sagas) or --topic-prefix / --bootstrap-servers"
+        )
+
+    def view(self, saga_id: str, *, catch_up: bool = True) -> SagaView:
+        state = self.get(saga_id, catch_up=catch_up)
+        partition = int(
+            self.db.execute("SELECT partition FROM sagas WHERE id = ?", (saga_id,)).fetchone()[0]
+        )
+        return SagaView(
+            state=state,
+            partition=partition,
+            claim=self.claims().get(partition),
+            history=tuple(self.history(saga_id, catch_up=False)),
+        )
+
+    def history(self, saga_id: str, *, catch_up: bool = True) -> list[HistoryEntry]:
+        """Every record of the saga still on the log, in log order (raises if there is none)."""
+        if catch_up:
+            self.catch_up([self.partition_of(saga_id)])
+        rows = self.db.execute(
+            "SELECT partition, offset, seq, epoch, timestamp_ms, event_type, event, writer, rejected "
+            "FROM history WHERE saga_id = ? ORDER BY partition, offset",
+            (saga_id,),
+        ).fetchall()
+        if not rows:
+            raise self._not_found(saga_id)
+        return [
+            HistoryEntry(
+                partition=r[0],
+                offset=r[1],
+                seq=r[2],
+                epoch=r[3],
+                timestamp_ms=r[4],
+                event_type=r[5],
+                event=json.loads(r[6]),
+                writer=r[7],
+                rejected=r[8],
+            )
+            for r in rows
+        ]
+
+    def list(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        saga_type: str | None = None,
+        limit: int | None = 50,
+        catch_up: bool = True,
+    ) -> list[SagaSummary]:
+        """Sagas, newest first, optionally filtered (catching up every partition)."""
+        if catch_up:
+            self.catch_up()
+        where, args = self._filters(status, saga_type)
+        sql = (
+            "SELECT id, partition, type, status, seq, started_ms, updated_ms, current, reason FROM sagas"
+            f"{where} ORDER BY started_ms DESC, id"
+        )
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [
+            SagaSummary(
+                saga_id=r[0],
+                partition=r[1],
+                saga_type=r[2],
+                status=SagaStatus(r[3]),
+                seq=r[4],
+                started_ms=r[5],
+                updated_ms=r[6],
+                current=tuple(filter(None, r[7].split(","))),
+                reason=r[8],
+            )
+            for r in self.db.execute(sql, args).fetchall()
+        ]
+
+    def count(self, *, status: SagaStatus | None = None, saga_type: str | None = None) -> int:
+        where, args = self._filters(status, saga_type)
+        return int(self.db.execute(f"SELECT count(*) FROM sagas{where}", args).fetchone()[0])  # noqa: S608
+
+    @staticmethod
+    def _filters(status: SagaStatus | None, saga_type: str | None) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if status is not None:
+            clauses.append("status = ?")
+            args.append(status.value)
+        if saga_type is not None:
+            clauses.append("type = ?")
+            args.append(saga_type)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+    def counts_by_status(self) -> dict[SagaStatus, int]:
+        """Sagas per status, as of the last catch-up (every status present, zeros included)."""
+        counts = dict.fromkeys(SagaStatus, 0)
+        for status, n in self.db.execute("SELECT status, count(*) FROM sagas GROUP BY status"):
+            counts[SagaStatus(status)] = n
+        return counts
+
+    def statuses(self, saga_ids: Iterable[str]) -> dict[str, SagaStatus]:
+        """Status of each of these sagas that the model knows (as of the last catch-up)."""
+        ids = list(saga_ids)
+        out: dict[str, SagaStatus] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            for saga_id, status in self.db.execute(
+                f"SELECT id, status FROM sagas WHERE id IN ({','.join('?' * len(chunk))})",  # noqa: S608
+                chunk,
+            ):
+                out[saga_id] = SagaStatus(status)
+        return out
+
+    def states(self, saga_ids: Iterable[str] | None = None) -> dict[str, SagaState]:
+        """Full states (all sagas, or these), as of the last catch-up."""
+        sql = "SELECT s.snapshot, d.json FROM sagas s JOIN definitions d ON d.id = s.definition_id"
+        if saga_ids is None:
+            return {s.saga_id: s for s in (_state_from_row(a, b) for a, b in self.db.execute(sql))}
+        ids = list(saga_ids)
+        out: dict[str, SagaState] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            for a, b in self.db.execute(f"{sql} WHERE s.id IN ({','.join('?' * len(chunk))})", chunk):
+                state = _state_from_row(a, b)
+                out[state.saga_id] = state
+        return out
+
+    def claims(self) -> dict[int, Claim]:
+        """The newest claim of each partition (as of the last catch-up): who owns what."""
+        return {
+            p: Claim(partition=p, owner=owner, epoch=epoch, claimed_ms=claimed_ms)
+            for p, owner, epoch, claimed_ms in self.db.execute(
+                "SELECT partition, owner, epoch, claimed_ms FROM partitions WHERE owner IS NOT NULL ORDER BY partition"
+            )
+        }
+
+    def partition_stats(self) -> dict[int, dict[str, int]]:
+        """Per partition: next offset, records read, undecodable records skipped, records rejected."""
+        return {
+            p: {"next_offset": n, "records": r, "decode_errors": d, "rejected": x}
+            for p, n, r, d, x in self.db.execute(
+                "SELECT partition, next_offset, records, decode_errors, rejected FROM partitions ORDER BY partition"
+            )
+        }
+
+    def wait_terminal(
+        self, saga_id: str, timeout_s: float, *, interval_s: float = 0.1
+    ) -> SagaState | None:
+        """Poll the saga's partition until the saga is terminal; its state then, else the last seen
+        (None if it never appeared) once ``timeout_s`` has passed."""
+        deadline = time.monotonic() + timeout_s
+        partition = self.partition_of(saga_id)
+        state: SagaState | None = None
+        while True:
+            self.catch_up([partition])
+            state = self.find(saga_id, catch_up=False)
+            if (state is not None and state.status.terminal) or time.monotonic() >= deadline:
+                return state
+            time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))  # polling with a deadline
+
+
+def _state_from_row(snapshot: str, definition: str) -> SagaState:
+    data = json.loads(snapshot)
+    data["definition"] = definition
+    return SagaState.model_validate(data)
+
+
+def pinned_definition(state: SagaState) -> SagaDefinition:
+    """The definition a saga runs under (cached across sagas that share it)."""
+    return definition_from_json(state.definition)

@@ -1,0 +1,369 @@
+"""The participant SDK: its rules as a pure function, then end to end against the broker.
+
+The broker tests share one participant (joining a consumer group takes seconds); every test
+uses its own saga ids, sends commands with a plain producer as a manager would, and reads the
+replies and dead letters with a plain consumer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from participants import BusinessFailure, JournalEntry, Participant, SqliteStore, StepContext, Verdict, decide
+from sagalog.codec import Codec
+from sagalog.config import Topics
+from sagalog.records import Action, DeadLetter, ParticipantCommand, ParticipantReply, ReplyOutcome
+from sagalog.topics import ensure_topics
+
+PARTITIONS = 2
+NAME = "stock"
+TIMEOUT_S = 30.0
+codec = Codec()
+
+
+def command(
+    saga_id: str,
+    action: Action = Action.EXECUTE,
+    *,
+    step: str = "reserve",
+    attempt: int = 1,
+    epoch: int = 1,
+    payload: Any = None,
+    reply_topic: str = "replies",
+    reply_partition: int = 0,
+) -> ParticipantCommand:
+    return ParticipantCommand(
+        command_id=ParticipantCommand.make_id(saga_id, step, action),
+        saga_id=saga_id,
+        saga_type="test-saga",
+        step=step,
+        action=action,
+        attempt=attempt,
+        epoch=epoch,
+        payload=json.dumps(payload if payload is not None else {}),
+        outputs="{}",
+        reply_topic=reply_topic,
+        reply_partition=reply_partition,
+        deadline_ms=0,
+        issued_ms=int(time.time() * 1000),
+    )
+
+
+# --- the rules, without Kafka ---------------------------------------------------------------
+
+
+def entry(action: Action, outcome: ReplyOutcome) -> JournalEntry:
+    return JournalEntry("s", "reserve", action, f"s/reserve/{action.value.lower()}", outcome)
+
+
+@pytest.mark.parametrize(
+    ("action", "journal", "max_epoch", "epoch", "verdict"),
+    [
+        (Action.EXECUTE, {}, None, 1, Verdict.RUN),
+        (Action.EXECUTE, {}, 3, 3, Verdict.RUN),
+        (Action.EXECUTE, {}, 3, 2, Verdict.REFUSE),  # stale epoch
+        (Action.EXECUTE, {Action.EXECUTE: entry(Action.EXECUTE, ReplyOutcome.SUCCESS)}, 1, 1, Verdict.REPLAY),
+        (Action.EXECUTE, {Action.EXECUTE: entry(Action.EXECUTE, ReplyOutcome.BUSINESS_FAILURE)}, 1, 2,
+         Verdict.REPLAY),
+        (Action.EXECUTE, {Action.COMPENSATE: entry(Action.COMPENSATE, ReplyOutcome.SUCCESS)}, 1, 1,
+         Verdict.REFUSE),  # execute after compensate
+        (Action.COMPENSATE, {}, None, 1, Verdict.SKIP),  # compensate before execute
+        (Action.COMPENSATE, {Action.EXECUTE: entry(Action.EXECUTE, ReplyOutcome.BUSINESS_FAILURE)}, 1, 1,
+         Verdict.SKIP),  # nothing to undo
+        (Action.COMPENSATE, {Action.EXECUTE: entry(Action.EXECUTE, ReplyOutcome.SUCCESS)}, 1, 1, Verdict.RUN),
+        (Action.COMPENSATE, {Action.EXECUTE: entry(Action.EXECUTE, ReplyOutcome.SUCCESS),
+                             Action.COMPENSATE: entry(Action.COMPENSATE, ReplyOutcome.SUCCESS)}, 1, 1,
+         Verdict.REPLAY),
+        (Action.COMPENSATE, {Action.EXECUTE: entry(Action.EXECUTE, ReplyOutcome.SUCCESS)}, 2, 1,
+         Verdict.REFUSE),  # a zombie's compensation must not undo a live step
+    ],
+)
+def test_decide(
+    action: Action, journal: dict[Action, JournalEntry], max_epoch: int | None, epoch: int, verdict: Verdict
+) -> None:
+    decision = decide(command("s", action, epoch=epoch), journal, max_epoch)
+    assert decision.verdict is verdict
+    if verdict is Verdict.REPLAY:
+        assert decision.recorded is journal[action]
+
+
+# --- a participant on the broker ------------------------------------------------------------
+
+#: Handler calls per (saga, action): counted outside the transaction, so rolled-back calls count too.
+calls: Counter[tuple[str, Action]] = Counter()
+
+
+def build(topics: Topics, bootstrap: str, db: Path) -> Participant:
+    def setup(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS effects (saga_id TEXT, action TEXT, attempt INTEGER)")
+
+    participant = Participant(NAME, topics=topics, bootstrap=bootstrap, store=SqliteStore(db, setup=setup),
+                              poll_timeout_s=0.1)
+
+    @participant.execute("reserve")
+    def reserve(ctx: StepContext, tx: sqlite3.Connection) -> dict[str, Any]:
+        calls[(ctx.saga_id, ctx.action)] += 1
+        tx.execute("INSERT INTO effects VALUES (?, ?, ?)", (ctx.saga_id, ctx.action.value, ctx.attempt))
+        fail = ctx.payload.get("fail")
+        if fail == "business":
+            raise BusinessFailure("sold out")
+        if fail == "transient" and ctx.attempt < 2:
+            raise ConnectionError("inventory service unreachable")
+        return {"ticket": f"T-{ctx.saga_id}", "attempt": ctx.attempt}
+
+    @participant.compensate("reserve")
+    def release(ctx: StepContext, tx: sqlite3.Connection) -> dict[str, Any]:
+        calls[(ctx.saga_id, ctx.action)] += 1
+        tx.execute("INSERT INTO effects VALUES (?, ?, ?)", (ctx.saga_id, ctx.action.value, ctx.attempt))
+        return {"released": True}
+
+    @participant.execute("execute-only")
+    def execute_only(ctx: StepContext, tx: sqlite3.Connection) -> None:
+        calls[(ctx.saga_id, ctx.action)] += 1
+
+    return participant
+
+
+class Harness:
+    """Sends commands like a manager, collects replies and dead letters like the inbox would."""
+
+    def __init__(self, bootstrap: str, topics: Topics, db: Path) -> None:
+        self.topics, self.db = topics, db
+        self.reply_topic = topics.inbox
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap,
+            "group.id": f"harness-{uuid.uuid4().hex}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        })
+        self.consumer.assign([TopicPartition(t, p, 0) for t in (topics.inbox, topics.dead_letters)
+                              for p in range(PARTITIONS)])
+        self.replies: dict[str, list[tuple[int, ParticipantReply]]] = defaultdict(list)
+        self.dead_letters: list[DeadLetter] = []
+
+    def send(self, cmd: ParticipantCommand | bytes, key: str = "", partition: int | None = None) -> None:
+        value = cmd if isinstance(cmd, bytes) else codec.encode(cmd)
+        key = key or (cmd.saga_id if isinstance(cmd, ParticipantCommand) else "junk")
+        kwargs = {} if partition is None else {"partition": partition}
+        self.producer.produce(self.topics.commands(NAME), value, key=key.encode(), **kwargs)
+        self.producer.flush(10)
+
+    def _drain(self, timeout_s: float) -> None:
+        for msg in self.consumer.consume(500, timeout_s):
+            if msg.error():
+                continue
+            record = codec.decode(msg.value())
+            if isinstance(record, ParticipantReply):
+                assert msg.key() == record.saga_id.encode()
+                self.replies[record.saga_id].append((msg.partition(), record))
+            elif isinstance(record, DeadLetter):
+                self.dead_letters.append(record)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            self._drain(0.1)
+
+    def wait_replies(self, saga_id: str, n: int) -> list[ParticipantReply]:
+        self.wait_until(lambda: len(self.replies[saga_id]) >= n, f"{n} replies for {saga_id}")
+        self._drain(0.2)  # a reply more than expected would show up now (a bounded extra look)
+        return [reply for _, reply in self.replies[saga_id]]
+
+    def effects(self, saga_id: str) -> list[tuple[str, int]]:
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute("SELECT action, attempt FROM effects WHERE saga_id = ? ORDER BY rowid",
+                                (saga_id,)).fetchall()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+@pytest.fixture(scope="module")
+def harness(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    topics = Topics(prefix=f"t.sdk.{uuid.uuid4().hex[:8]}")
+    ensure_topics(bootstrap, topics, partitions=PARTITIONS, participants=[NAME])
+    db = tmp_path_factory.mktemp("sdk") / f"{NAME}.db"
+    participant = build(topics, bootstrap, db)
+    thread = threading.Thread(target=participant.run, name="participant")
+    thread.start()
+    h = Harness(bootstrap, topics, db)
+    h.participant = participant  # type: ignore[attr-defined]
+    try:
+        yield h
+    finally:
+        participant.stop()
+        thread.join(30)
+        h.close()
+    assert not thread.is_alive()
+
+
+def new_saga() -> str:
+    return f"saga-{uuid.uuid4().hex[:12]}"
+
+
+def test_success_reply_goes_to_the_requested_partition(harness: Harness) -> None:
+    saga = new_saga()
+    harness.send(command(saga, reply_topic=harness.reply_topic, reply_partition=1))
+    harness.wait_replies(saga, 1)
+    [(partition, reply)] = harness.replies[saga]
+    assert partition == 1
+    assert reply.outcome is ReplyOutcome.SUCCESS
+    assert json.loads(reply.output or "") == {"ticket": f"T-{saga}", "attempt": 1}
+    assert (reply.command_id, reply.participant, reply.attempt, reply.epoch) == (f"{saga}/reserve/execute", NAME,
+                                                                                 1, 1)
+    assert harness.effects(saga) == [("EXECUTE", 1)]
+
+
+def test_duplicate_commands_apply_once_and_get_the_same_reply(harness: Harness) -> None:
+    saga = new_saga()
+    for attempt in (1, 1, 2):  # a re-send, then a retry after a (spurious) timeout
+        harness.send(command(saga, attempt=attempt, reply_topic=harness.reply_topic))
+    replies = harness.wait_replies(saga, 3)
+    assert len(replies) == 3
+    assert {(r.outcome, r.output) for r in replies} == {(ReplyOutcome.SUCCESS, json.dumps(
+        {"ticket": f"T-{saga}", "attempt": 1}, separators=(",", ":")))}
+    assert [r.attempt for r in replies] == [1, 1, 2]  # each answers the attempt it was asked
+    assert calls[(saga, Action.EXECUTE)] == 1
+    assert harness.effects(saga) == [("EXECUTE", 1)]
+
+    # The compensation is idempotent too.
+    for _ in range(2):
+        harness.send(command(saga, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    replies = harness.wait_replies(saga, 5)
+    assert [r.outcome for r in replies[3:]] == [ReplyOutcome.SUCCESS] * 2
+    assert calls[(saga, Action.COMPENSATE)] == 1
+    assert harness.effects(saga) == [("EXECUTE", 1), ("COMPENSATE", 1)]
+
+
+def test_compensate_before_execute_leaves_nothing_reserved(harness: Harness) -> None:
+    saga = new_saga()
+    harness.send(command(saga, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    harness.send(command(saga, Action.EXECUTE, reply_topic=harness.reply_topic))
+    compensated, executed = harness.wait_replies(saga, 2)
+    assert compensated.action is Action.COMPENSATE and compensated.outcome is ReplyOutcome.SUCCESS
+    assert executed.action is Action.EXECUTE and executed.outcome is ReplyOutcome.REFUSED
+    assert "compensated" in (executed.error or "")
+    assert calls[(saga, Action.EXECUTE)] == calls[(saga, Action.COMPENSATE)] == 0
+    assert harness.effects(saga) == []
+
+    harness.send(command(saga, Action.EXECUTE, attempt=2, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(saga, 3)[2].outcome is ReplyOutcome.REFUSED
+    assert harness.effects(saga) == []
+
+
+def test_stale_epoch_commands_are_refused(harness: Harness) -> None:
+    saga = new_saga()
+    harness.send(command(saga, epoch=5, reply_topic=harness.reply_topic))
+    harness.send(command(saga, Action.COMPENSATE, epoch=4, reply_topic=harness.reply_topic))  # a zombie manager
+    harness.send(command(saga, epoch=3, attempt=2, reply_topic=harness.reply_topic))
+    executed, zombie_compensate, zombie_execute = harness.wait_replies(saga, 3)
+    assert executed.outcome is ReplyOutcome.SUCCESS
+    assert zombie_compensate.outcome is ReplyOutcome.REFUSED and "stale epoch 4" in (zombie_compensate.error or "")
+    assert zombie_execute.outcome is ReplyOutcome.REFUSED
+    assert harness.effects(saga) == [("EXECUTE", 1)]  # the zombie undid nothing
+
+    # The new owner (a higher epoch) compensates normally.
+    harness.send(command(saga, Action.COMPENSATE, epoch=6, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(saga, 4)[3].outcome is ReplyOutcome.SUCCESS
+    assert harness.effects(saga) == [("EXECUTE", 1), ("COMPENSATE", 1)]
+
+
+def test_business_failure_is_final_and_needs_no_compensation(harness: Harness) -> None:
+    saga = new_saga()
+    harness.send(command(saga, payload={"fail": "business"}, reply_topic=harness.reply_topic))
+    harness.send(command(saga, payload={"fail": "business"}, attempt=2, reply_topic=harness.reply_topic))
+    first, second = harness.wait_replies(saga, 2)
+    assert first.outcome is second.outcome is ReplyOutcome.BUSINESS_FAILURE
+    assert first.error == second.error == "sold out"
+    assert calls[(saga, Action.EXECUTE)] == 1  # the recorded failure was replayed
+    assert harness.effects(saga) == []  # the handler's write was rolled back
+
+    harness.send(command(saga, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(saga, 3)[2].outcome is ReplyOutcome.SUCCESS
+    assert calls[(saga, Action.COMPENSATE)] == 0  # nothing to undo
+
+
+def test_retryable_error_is_not_final(harness: Harness) -> None:
+    saga = new_saga()
+    harness.send(command(saga, payload={"fail": "transient"}, reply_topic=harness.reply_topic))
+    [failed] = harness.wait_replies(saga, 1)
+    assert failed.outcome is ReplyOutcome.RETRYABLE_ERROR
+    assert failed.error == "ConnectionError: inventory service unreachable"
+    assert harness.effects(saga) == []
+
+    harness.send(command(saga, payload={"fail": "transient"}, attempt=2, reply_topic=harness.reply_topic))
+    harness.send(command(saga, payload={"fail": "transient"}, attempt=2, reply_topic=harness.reply_topic))
+    retried, repeated = harness.wait_replies(saga, 3)[1:]
+    assert retried.outcome is repeated.outcome is ReplyOutcome.SUCCESS
+    assert retried.output == repeated.output
+    assert calls[(saga, Action.EXECUTE)] == 2
+    assert harness.effects(saga) == [("EXECUTE", 2)]
+
+
+def test_bad_messages_go_to_dead_letters_and_the_participant_keeps_serving(harness: Harness) -> None:
+    before = len(harness.dead_letters)
+    junk = b"\xc3\x01" + b"\x00" * 8 + b"garbage"
+    harness.send(b"not avro at all", key="junk-1", partition=0)
+    harness.send(junk, key="junk-2", partition=1)
+    unknown_step = command(new_saga(), step="fly-to-the-moon", reply_topic=harness.reply_topic)
+    harness.send(unknown_step)
+    no_compensate = command(new_saga(), step="execute-only", reply_topic=harness.reply_topic)
+    harness.send(no_compensate)
+    harness.send(no_compensate.model_copy(update={"action": Action.COMPENSATE,
+                                                  "command_id": no_compensate.command_id + "-c"}))
+    bad_json = command(new_saga(), reply_topic=harness.reply_topic).model_copy(update={"payload": "{nope"})
+    harness.send(bad_json)
+
+    saga = new_saga()
+    harness.send(command(saga, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(saga, 1)[0].outcome is ReplyOutcome.SUCCESS
+    harness.wait_until(lambda: len(harness.dead_letters) >= before + 5, "5 dead letters")
+
+    letters = {letter.error_type + ":" + (letter.key or b"").decode(): letter
+               for letter in harness.dead_letters[before:]}
+    assert set(letters) == {
+        "MalformedRecord:junk-1",
+        "UnknownSchema:junk-2",
+        f"UnknownStep:{unknown_step.saga_id}",
+        f"UnknownStep:{no_compensate.saga_id}",
+        f"InvalidCommand:{bad_json.saga_id}",
+    }
+    junk_letter = letters["MalformedRecord:junk-1"]
+    assert junk_letter.value == b"not avro at all"
+    assert junk_letter.source_topic == harness.topics.commands(NAME) and junk_letter.source_partition == 0
+    assert junk_letter.component.startswith(f"participant:{NAME}@")
+    assert "fly-to-the-moon" in letters[f"UnknownStep:{unknown_step.saga_id}"].reason
+    assert "no compensate handler" in letters[f"UnknownStep:{no_compensate.saga_id}"].reason
+    assert harness.replies[unknown_step.saga_id] == []
+    assert [r.outcome for r in harness.wait_replies(no_compensate.saga_id, 1)] == [ReplyOutcome.SUCCESS]
+
+
+def test_offsets_and_outbox_are_kept_in_sqlite(harness: Harness) -> None:
+    saga = new_saga()
+    harness.send(command(saga, reply_topic=harness.reply_topic), partition=1)
+    harness.wait_replies(saga, 1)
+
+    def outbox_empty() -> bool:
+        with sqlite3.connect(harness.db) as conn:
+            return conn.execute("SELECT count(*) FROM saga_outbox").fetchone()[0] == 0
+
+    harness.wait_until(outbox_empty, "delivered replies to be deleted from the outbox")
+    _, high = harness.consumer.get_watermark_offsets(TopicPartition(harness.topics.commands(NAME), 1), timeout=10)
+    with sqlite3.connect(harness.db) as conn:
+        stored = dict(conn.execute("SELECT partition, next_offset FROM saga_consumer_offsets WHERE topic = ?",
+                                   (harness.topics.commands(NAME),)).fetchall())
+    assert stored[1] == high  # everything on the partition was processed and its position committed
