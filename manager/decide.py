@@ -65,6 +65,7 @@ class Decision:
     records: list[SagaLogRecord] = field(default_factory=list)
     commands: list[tuple[str, ParticipantCommand]] = field(default_factory=list)  # (participant, cmd)
     ignored: str | None = None  # why the input changed nothing (for logs and dead letters)
+    reject: bool = False  # the input is malformed or foreign, not merely late: dead-letter it
 
     def record(self, event: Event, ctx: Context) -> None:
         """Apply ``event`` to the state and keep the record that says so."""
@@ -87,6 +88,10 @@ def _record(state: SagaState, event: Event, ctx: Context) -> SagaLogRecord:
 
 def ignore(state: SagaState | None, why: str) -> Decision:
     return Decision(state=state, ignored=why)
+
+
+def reject(state: SagaState | None, why: str) -> Decision:
+    return Decision(state=state, ignored=why, reject=True)
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -116,9 +121,14 @@ def on_reply(state: SagaState, reply: ParticipantReply, ctx: Context) -> Decisio
     try:
         step = state.step(reply.step)
     except KeyError:
-        return ignore(state, f"saga {state.saga_id} has no step {reply.step!r}")
+        return reject(state, f"saga {state.saga_id} has no step {reply.step!r}")
     if reply.command_id != ParticipantCommand.make_id(state.saga_id, reply.step, reply.action):
-        return ignore(state, f"reply command id {reply.command_id!r} does not match its saga/step/action")
+        return reject(state, f"reply command id {reply.command_id!r} does not match its saga/step/action")
+    if reply.outcome is ReplyOutcome.SUCCESS and reply.output is not None:
+        try:
+            json.loads(reply.output)
+        except ValueError:
+            return reject(state, f"reply {reply.command_id} has an output that is not JSON: {reply.output[:80]!r}")
     if reply.outcome is ReplyOutcome.REFUSED:
         return ignore(state, f"participant refused {reply.command_id}: {reply.error}")
     definition = state.definition_model
@@ -135,8 +145,11 @@ def on_reply(state: SagaState, reply: ParticipantReply, ctx: Context) -> Decisio
                 return ignore(state, f"retryable error from attempt {reply.attempt}, attempt {step.attempt} is in flight")
             policy = definition.by_name[step.name].retry
             if step.attempt >= policy.attempts:
-                error = f"failed after {step.attempt} attempts: {reply.error}"
-                decision.record(StepEnded(step=step.name, outcome=StepOutcome.FAILED, error=error), ctx)
+                # This attempt changed nothing, but an earlier one may have timed out and still take
+                # effect: with more than one attempt the outcome is unknown, so compensate it.
+                outcome = StepOutcome.FAILED if step.attempt == 1 else StepOutcome.TIMED_OUT
+                error = f"gave up after {step.attempt} attempts: {reply.error}"
+                decision.record(StepEnded(step=step.name, outcome=outcome, error=error), ctx)
             else:
                 decision.record(_retry_step(state, step.name, definition, reply.error or "retryable error", ctx), ctx)
     else:
@@ -231,13 +244,21 @@ def _advance(decision: Decision, ctx: Context) -> None:
     if state.status is not SagaStatus.COMPENSATING:
         return
     statuses = {s.name: s.status for s in state.steps}
+
+    def settled(name: str) -> bool:
+        """Nothing left to undo here. A non-compensable step is never undone, so it is settled
+        when everything after it is: order holds through it."""
+        if not definition.by_name[name].compensable:
+            return all(settled(d) for d in definition.dependents[name])
+        return statuses[name] in SETTLED
+
     pending = [
         s
         for s in state.steps
         if s.status in NEEDS_COMPENSATION and s.status is not T.COMPENSATING and definition.by_name[s.name].compensable
     ]
     for step in pending:
-        if all(statuses[d] in SETTLED or not definition.by_name[d].compensable for d in definition.dependents[step.name]):
+        if all(settled(d) for d in definition.dependents[step.name]):
             timeout_ms = int(definition.by_name[step.name].timeout_s * 1000)
             event = CompensationBegun(step=step.name, attempt=1, dispatch_at_ms=ctx.now_ms, deadline_ms=ctx.now_ms + timeout_ms)
             decision.record(event, ctx)

@@ -343,10 +343,14 @@ class Manager:
         except FoldError as err:  # a decision the state machine refuses: a bug, but never a crash
             self._dead_letter(owned, msg, f"refused by the state machine: {err}", now)
             return
+        except Exception as err:  # noqa: BLE001 - one message must never stop the manager
+            log.exception("unexpected error deciding on %s[%d]@%d", msg.topic(), msg.partition(), msg.offset())
+            self._dead_letter(owned, msg, f"internal error while deciding: {type(err).__name__}: {err}", now)
+            return
         if decision.ignored:
             self.stats["ignored"] += 1
             log.debug("%s", decision.ignored)
-            if isinstance(item, ParticipantReply) and "has no step" in decision.ignored:
+            if decision.reject:
                 self._dead_letter(owned, msg, decision.ignored, now)
             return
         if isinstance(item, StartSaga):
