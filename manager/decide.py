@@ -133,7 +133,11 @@ def on_reply(state: SagaState, reply: ParticipantReply, ctx: Context) -> Decisio
         return ignore(state, f"participant refused {reply.command_id}: {reply.error}")
     definition = state.definition_model
     decision = Decision(state=state)
-    if reply.action is Action.EXECUTE:
+    if reply.action is Action.EXECUTE and state.status is SagaStatus.COMPENSATING and step.status is T.RUNNING:
+        # A non-compensable step was in flight when the saga aborted: record how it ended.
+        outcome = StepOutcome.SUCCEEDED if reply.outcome is ReplyOutcome.SUCCESS else StepOutcome.FAILED
+        decision.record(StepEnded(step=step.name, outcome=outcome, output=reply.output, error=reply.error), ctx)
+    elif reply.action is Action.EXECUTE:
         if state.status is not SagaStatus.RUNNING or step.status is not T.RUNNING:
             return ignore(state, f"late or duplicate reply for {reply.command_id} (step is {step.status.value})")
         if reply.outcome is ReplyOutcome.SUCCESS:
@@ -174,7 +178,11 @@ def on_time(state: SagaState, ctx: Context) -> Decision:
             continue
         current = decision.state
         assert current is not None
-        if step.status is T.RUNNING and current.status is SagaStatus.RUNNING:
+        if step.status is T.RUNNING and current.status is SagaStatus.COMPENSATING:
+            # A non-compensable step in flight at abort: stop waiting for it on its deadline.
+            why = f"no reply within {definition.by_name[step.name].timeout_s:g}s while the saga was aborting"
+            decision.record(StepEnded(step=step.name, outcome=StepOutcome.TIMED_OUT, error=why), ctx)
+        elif step.status is T.RUNNING and current.status is SagaStatus.RUNNING:
             timeout = definition.by_name[step.name].timeout_s
             why = f"no reply within {timeout:g}s (attempt {step.attempt})"
             if step.attempt >= definition.by_name[step.name].retry.attempts:
@@ -196,7 +204,7 @@ def outstanding_commands(state: SagaState, ctx: Context) -> list[tuple[str, Part
     for step in state.steps:
         if step.dispatch_at_ms > ctx.now_ms:
             continue
-        if step.status is T.RUNNING and state.status is SagaStatus.RUNNING:
+        if step.status is T.RUNNING:
             out.append(_command(state, definition, step.name, Action.EXECUTE, step.attempt, step.deadline_ms, ctx))
         elif step.status is T.COMPENSATING:
             out.append(_command(state, definition, step.name, Action.COMPENSATE, step.comp_attempt, step.deadline_ms, ctx))
@@ -210,7 +218,7 @@ def next_wakeup_ms(state: SagaState, now_ms: int) -> int | None:
     times = [
         step.dispatch_at_ms if step.dispatch_at_ms > now_ms else step.deadline_ms
         for step in state.steps
-        if step.status is T.COMPENSATING or (step.status is T.RUNNING and state.status is SagaStatus.RUNNING)
+        if step.status in (T.RUNNING, T.COMPENSATING)
     ]
     return min(times) if times else None
 
@@ -249,7 +257,7 @@ def _advance(decision: Decision, ctx: Context) -> None:
         """Nothing left to undo here. A non-compensable step is never undone, so it is settled
         when everything after it is: order holds through it."""
         if not definition.by_name[name].compensable:
-            return all(settled(d) for d in definition.dependents[name])
+            return statuses[name] is not T.RUNNING and all(settled(d) for d in definition.dependents[name])
         return statuses[name] in SETTLED
 
     pending = [
@@ -264,7 +272,10 @@ def _advance(decision: Decision, ctx: Context) -> None:
             decision.record(event, ctx)
             decision.commands.append(_command(decision.state, definition, step.name, Action.COMPENSATE, 1, event.deadline_ms, ctx))
     state = decision.state
-    if not any(s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable for s in state.steps):
+    if not any(
+        s.status in (T.RUNNING, T.COMPENSATING) or (s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable)
+        for s in state.steps
+    ):
         decision.record(SagaAborted(reason=state.reason or "aborted"), ctx)
 
 

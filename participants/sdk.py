@@ -444,6 +444,11 @@ class Participant:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """Replies and dead letters sent but not yet acknowledged by the broker (0 when idle)."""
+        return self._relay.in_flight if self._relay is not None else 0
+
     def run(self) -> None:
         """Serve commands until :meth:`stop`; then deliver what is committed and leave the group."""
         self.start()
@@ -461,6 +466,8 @@ class Participant:
         """Open the store, publish replies left by a previous run, join the consumer group."""
         if not self._handlers:
             raise ConfigError(f"participant {self.name!r} has no handlers")
+        if self.store is not None:
+            self.store.open()  # first: a store that cannot open must not leave clients behind
         client_id = f"{self.group_id}:{os.getpid()}"
         producer = Producer(
             producer_config(self.bootstrap, overrides={"client.id": client_id, **self._overrides}),
@@ -470,7 +477,6 @@ class Participant:
             producer, codec=self._codec, dead_letters=self.topics.dead_letters, component=self._component
         )
         if self.store is not None:
-            self.store.open()
             leftovers = self.store.pending()
             if leftovers:
                 _log.info("%s: publishing %d messages committed before the last stop", self.name, len(leftovers))

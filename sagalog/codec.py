@@ -41,7 +41,8 @@ def schemas_dir() -> Path:
 
 def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
     """The 8 header bytes for a parsed schema: CRC-64-AVRO of its canonical form, little-endian."""
-    return int(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"), 16).to_bytes(8, "little")
+    # fastavro returns the fingerprint's bytes already in the spec's (little-endian) order.
+    return bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
 
 
 class Codec:
@@ -93,7 +94,10 @@ class Codec:
         out = io.BytesIO()
         out.write(MAGIC)
         out.write(fp)
-        fastavro.schemaless_writer(out, schema, _to_avro(record))
+        try:
+            fastavro.schemaless_writer(out, schema, _to_avro(record))
+        except (ValueError, OverflowError, TypeError) as err:  # UnicodeEncodeError is a ValueError
+            raise MalformedRecord(f"cannot encode {record.AVRO_NAME}: {type(err).__name__}: {err}") from err
         data = out.getvalue()
         if len(data) > self.max_bytes:
             raise MalformedRecord(

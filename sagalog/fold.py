@@ -56,6 +56,8 @@ SAGA_TRANSITIONS: dict[tuple[SagaStatus | None, type], SagaStatus] = {
     (S.RUNNING, StepEnded): S.RUNNING,
     (S.RUNNING, SagaEnded): S.COMPLETED,
     (S.RUNNING, SagaAborting): S.COMPENSATING,
+    # Only a non-compensable step can still be in flight while compensating: its end is recorded.
+    (S.COMPENSATING, StepEnded): S.COMPENSATING,
     (S.COMPENSATING, CompensationBegun): S.COMPENSATING,
     (S.COMPENSATING, CompensationEnded): S.COMPENSATING,
     (S.COMPENSATING, SagaAborted): S.ABORTED,
@@ -195,7 +197,10 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
     elif isinstance(event, SagaAborted):
         definition = state.definition_model
         open_steps = [
-            s.name for s in steps if s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable
+            s.name
+            for s in steps
+            if s.status in (T.RUNNING, T.COMPENSATING)
+            or (s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable)
         ]
         if open_steps:
             raise _fail(state, event, f"steps {open_steps} are not compensated yet")
@@ -258,7 +263,8 @@ class PartitionFold:
     epoch: int = 0
     sagas: dict[str, SagaState] = field(default_factory=dict)
     applied: int = 0
-    rejected: list[tuple[int, str]] = field(default_factory=list)  # (offset, reason)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (offset, reason), the first ones
+    rejected_count: int = 0
     max_rejected_kept: int = 1000
 
     def apply(self, key: bytes | None, item: SagaLogRecord | PartitionClaim | DecodeError | None, offset: int) -> None:
@@ -284,6 +290,7 @@ class PartitionFold:
                 self._reject(offset, str(err))
 
     def _reject(self, offset: int, reason: str) -> None:
+        self.rejected_count += 1
         if len(self.rejected) < self.max_rejected_kept:
             self.rejected.append((offset, reason))
 

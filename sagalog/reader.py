@@ -52,44 +52,32 @@ def scan(
         if topic is None or topic.error is not None:
             raise BrokerError(f"topic {topics.log} does not exist; create it with 'saga topics create'")
         wanted = sorted(topic.partitions) if partitions is None else sorted(partitions)
-        ends: dict[int, int] = {}
-        assignment = []
-        for p in wanted:
-            start = (start_offsets or {}).get(p, OFFSET_BEGINNING)
-            low, high = consumer.get_watermark_offsets(TopicPartition(topics.log, p), timeout=10)
-            first = low if start == OFFSET_BEGINNING else start
-            if high > first:
-                ends[p] = high
-                assignment.append(TopicPartition(topics.log, p, start))
-        if not assignment:
+        # The end of each partition is its partition-EOF event, never the high watermark: some
+        # brokers (Tansu) under-report the watermark after multi-record batches.
+        pending = set(wanted)
+        if not pending:
             return
-        consumer.assign(assignment)
+        consumer.assign([TopicPartition(topics.log, p, (start_offsets or {}).get(p, OFFSET_BEGINNING)) for p in wanted])
         deadline = time.monotonic() + timeout_s
-        while ends:
+        while pending:
             if time.monotonic() > deadline:
                 raise BrokerError(f"reading {topics.log} did not reach its end within {timeout_s:g}s", retryable=True)
             for msg in consumer.consume(10000, 0.05):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        ends.pop(msg.partition(), None)
+                        pending.discard(msg.partition())
                         continue
                     raise translate(err, f"reading {topics.log}")
                 p = msg.partition()
-                if p not in ends:
-                    continue
+                if p not in pending:
+                    continue  # past the end this scan promised: left for the next scan
                 value = msg.value()
                 try:
                     item: Frozen | DecodeError | None = None if value is None else codec.decode(value)
                 except DecodeError as bad:
                     item = bad.at(topics.log, p, msg.offset())
                 yield LogEntry(p, msg.offset(), msg.key(), item, msg.timestamp()[1])
-                if msg.offset() >= ends[p] - 1:
-                    ends.pop(p)
-            if ends:  # control records (transaction markers) take offsets but are never delivered
-                for tp in consumer.position([TopicPartition(topics.log, p) for p in ends]):
-                    if tp.offset >= ends[tp.partition]:
-                        ends.pop(tp.partition)
     finally:
         consumer.close()
 

@@ -67,7 +67,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from sagalog.codec import Codec
 from sagalog.config import Topics
-from sagalog.definition import SagaDefinition, definition_from_json
+from sagalog.definition import SagaDefinition
 from sagalog.errors import BrokerError, BrokerUnavailable, ConfigError, DecodeError
 from sagalog.fold import PartitionFold, SagaState
 from sagalog.kafka import ClientOverrides, admin_client, reader_config, translate
@@ -336,6 +336,7 @@ class ReadModel:
         self._codec = codec
         self._consumer: Consumer | None = None
         self._partitions: int | None = None
+        self._topic_names: frozenset[str] = frozenset()
         self._topic_checked = False
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -347,8 +348,6 @@ class ReadModel:
             ) from err
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # a cache: losing the last batch only re-reads it
-        with self._write():
-            self.db.executescript(_SCHEMA) if False else None  # (executescript would COMMIT; see below)
         self._init_schema()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -443,6 +442,7 @@ class ReadModel:
         except KafkaException as err:
             translated = translate(err, f"reading metadata from {self.bootstrap}")
             raise (self._unavailable(err) if isinstance(translated, BrokerUnavailable) else translated) from err
+        self._topic_names = frozenset(meta.topics)
         topic = meta.topics.get(self.topics.log)
         if topic is None or topic.error is not None or not topic.partitions:
             raise ConfigError(
@@ -452,6 +452,11 @@ class ReadModel:
             )
         self._partitions = len(topic.partitions)
         return self._partitions
+
+    def topic_names(self) -> frozenset[str]:
+        """Every topic of the cluster (as of the metadata request that found the log)."""
+        self.partition_count()
+        return self._topic_names
 
     def _check_topic_identity(self) -> None:
         """Reset everything if the log topic was deleted and created again (a new topic id).
@@ -495,80 +500,94 @@ class ReadModel:
                     wanted,
                 ).fetchall()
             )
-            ends: dict[int, int] = {}
-            assignment: list[TopicPartition] = []
-            consumer = self._client()
-            for p in wanted:
-                try:
-                    low, high = consumer.get_watermark_offsets(
-                        TopicPartition(self.topics.log, p), timeout=self.timeout_s
-                    )
-                except KafkaException as err:
-                    raise translate(err, f"reading the end of {self.topics.log}[{p}]") from err
-                start = stored.get(p, 0)
-                if start > high:
-                    # The log is shorter than what we read: it was recreated (e.g. the memory-only
-                    # embedded broker restarted). What we hold for this partition is another log's.
-                    with self._write():
-                        self._reset_partition(p)
-                    stats.resets.append(p)
-                    start = 0
-                start = max(start, low)  # below low: deleted by retention; the snapshots re-base
-                if high > start:
-                    ends[p] = high
-                    assignment.append(TopicPartition(self.topics.log, p, start))
-            if assignment:
-                self._consume(consumer, assignment, ends, stats)
+            self._consume({p: stored.get(p, 0) for p in wanted}, stats)
         stats.seconds = time.monotonic() - started
         return stats
 
-    def _consume(
-        self, consumer: Consumer, assignment: list[TopicPartition], ends: dict[int, int], stats: CatchUpStats
-    ) -> None:
-        consumer.assign(assignment)
+    def _consume(self, starts: dict[int, int], stats: CatchUpStats) -> None:
+        """Read each partition from its next offset until the consumer reports its end (EOF).
+
+        The end is what fetch responses say (EOF), never ListOffsets: measured on the embedded
+        broker (Tansu 0.6), ListOffsets answers the first offset of the last record batch + 1,
+        short of the real end whenever that batch holds several records. EOF also steps over
+        transaction markers, which take offsets but are never delivered.
+
+        A log that was deleted and created again has a new topic id (see
+        :meth:`_check_topic_identity`). On Kafka a stored offset past the end of the log also
+        makes the consumer restart at the beginning (``auto.offset.reset=earliest``): the first
+        offset delivered, or the end, is then below where we stood, and the partition is read
+        again. (Tansu answers such a fetch with nothing at all: that ends in an error after a
+        while without progress rather than a wait forever.)
+        """
+        consumer = self._client()
         try:
-            deadline = time.monotonic() + max(60.0, self.timeout_s)
-            remaining = dict(ends)
+            consumer.assign([TopicPartition(self.topics.log, p, start) for p, start in starts.items()])
+        except KafkaException as err:
+            raise translate(err, f"reading {self.topics.log}") from err
+        try:
+            quiet_limit = max(10.0, self.timeout_s)
+            last_progress = time.monotonic()
+            remaining = set(starts)
+            seen: set[int] = set()  # partitions that delivered a first message or their end
             while remaining:
-                if time.monotonic() > deadline:
+                if time.monotonic() - last_progress > quiet_limit:
                     raise BrokerError(
-                        f"reading {self.topics.log} did not reach its end in time; try again", retryable=True
+                        f"{self.topics.log} partitions {sorted(remaining)} returned nothing for {quiet_limit:g}s "
+                        f"(a stored offset beyond the end of the log?); try again, or delete {self.path} "
+                        f"to rebuild the read model",
+                        retryable=True,
                     )
                 batch: list[Message] = []
-                for msg in consumer.consume(5000, 0.05):
+                reached: dict[int, int] = {}
+                resets: set[int] = set()
+                for msg in self._next_batch(consumer):
+                    p = msg.partition()
                     err = msg.error()
                     if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            remaining.pop(msg.partition(), None)
-                            continue
-                        raise translate(err, f"reading {self.topics.log}")
-                    if msg.partition() in remaining and msg.offset() < remaining[msg.partition()]:
-                        batch.append(msg)
-                        if msg.offset() >= remaining[msg.partition()] - 1:
-                            remaining.pop(msg.partition())
-                reached: dict[int, int] = {}
-                if remaining:  # transaction markers take offsets but are never delivered
-                    try:
-                        positions = consumer.position([TopicPartition(self.topics.log, p) for p in remaining])
-                    except KafkaException as err:
-                        raise translate(err, f"reading {self.topics.log}") from err
-                    for tp in positions:
-                        if tp.offset >= remaining[tp.partition]:
-                            remaining.pop(tp.partition)
-                for p, end in ends.items():
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            raise translate(err, f"reading {self.topics.log}")
+                        if p in remaining:
+                            remaining.discard(p)
+                            reached[p] = msg.offset()
+                            if p not in seen and msg.offset() < starts[p]:
+                                resets.add(p)
+                            seen.add(p)
+                        continue
                     if p not in remaining:
-                        reached[p] = end
-                self._apply_batch(batch, reached, stats)
-                ends = {p: e for p, e in ends.items() if p in remaining}
+                        continue
+                    if p not in seen:
+                        seen.add(p)
+                        if msg.offset() < starts[p]:
+                            resets.add(p)
+                    batch.append(msg)
+                if batch or reached:
+                    last_progress = time.monotonic()
+                    self._apply_batch(batch, reached, resets, stats)
         finally:
             consumer.unassign()
 
-    def _apply_batch(self, batch: Sequence[Message], reached: dict[int, int], stats: CatchUpStats) -> None:
+    @staticmethod
+    def _next_batch(consumer: Consumer) -> list[Message]:
+        """Whatever the consumer has, as soon as it has anything (up to 0.1 s): ``consume(n, t)``
+        alone would wait out ``t`` for ``n`` messages, and a status query often needs only one EOF."""
+        first = consumer.poll(0.1)
+        if first is None:
+            return []
+        return [first, *consumer.consume(5000, 0)]
+
+    def _apply_batch(
+        self, batch: Sequence[Message], reached: dict[int, int], resets: set[int], stats: CatchUpStats
+    ) -> None:
         """Fold one consume() batch and store it with the new next offsets, atomically."""
         by_partition: dict[int, list[Message]] = {}
         for msg in batch:
             by_partition.setdefault(msg.partition(), []).append(msg)
         with self._write():
+            for p in sorted(resets):
+                # The log is shorter than what we had read: it was recreated (e.g. the memory-only
+                # embedded broker restarted). What we hold for this partition is another log's.
+                self._reset_partition(p)
+                stats.resets.append(p)
             for p, msgs in by_partition.items():
                 self._fold_partition(p, msgs, stats)
             for p, end in reached.items():
@@ -869,6 +888,29 @@ class ReadModel:
             )
         }
 
+    def live_count(self, partitions: Iterable[int]) -> int:
+        """Unfinished sagas on these partitions (as of the last catch-up)."""
+        wanted = list(partitions)
+        if not wanted:
+            return 0
+        return int(
+            self.db.execute(
+                f"SELECT count(*) FROM sagas WHERE status IN ('RUNNING', 'COMPENSATING') "  # noqa: S608
+                f"AND partition IN ({','.join('?' * len(wanted))})",
+                wanted,
+            ).fetchone()[0]
+        )
+
+    def first_record_ms(self, partition: int, *, after_epoch: int, since_ms: int) -> int | None:
+        """When the first saga record of an epoch above ``after_epoch`` was written on this partition
+        at or after ``since_ms`` (a new owner at work), or None if there is none yet."""
+        row = self.db.execute(
+            "SELECT min(timestamp_ms) FROM history WHERE partition = ? AND epoch > ? AND timestamp_ms >= ? "
+            "AND rejected IS NULL",
+            (partition, after_epoch, since_ms),
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def partition_stats(self) -> dict[int, dict[str, int]]:
         """Per partition: next offset, records read, undecodable records skipped, records rejected."""
         return {
@@ -899,7 +941,3 @@ def _state_from_row(snapshot: str, definition: str) -> SagaState:
     data["definition"] = definition
     return SagaState.model_validate(data)
 
-
-def pinned_definition(state: SagaState) -> SagaDefinition:
-    """The definition a saga runs under (cached across sagas that share it)."""
-    return definition_from_json(state.definition)

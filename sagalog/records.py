@@ -9,9 +9,13 @@ number and the writer's epoch.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Avro ``int`` and ``long``: readers in other languages refuse values outside these ranges.
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class Frozen(BaseModel):
@@ -65,15 +69,15 @@ class ReplyOutcome(StrEnum):
 class SagaBegun(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.SagaBegun"
     saga_type: str
-    definition_version: int
+    definition_version: Int32
 
 
 class StepBegun(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.StepBegun"
     step: str
-    attempt: int
-    dispatch_at_ms: int
-    deadline_ms: int
+    attempt: Int32
+    dispatch_at_ms: Int64
+    deadline_ms: Int64
     last_error: str | None = None
 
 
@@ -94,9 +98,9 @@ class SagaAborting(Frozen):
 class CompensationBegun(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.CompensationBegun"
     step: str
-    attempt: int
-    dispatch_at_ms: int
-    deadline_ms: int
+    attempt: Int32
+    dispatch_at_ms: Int64
+    deadline_ms: Int64
     last_error: str | None = None
 
 
@@ -147,10 +151,10 @@ class StepSnapshot(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.StepSnapshot"
     name: str
     status: StepStatus = StepStatus.PENDING
-    attempt: int = 0
-    comp_attempt: int = 0
-    dispatch_at_ms: int = 0
-    deadline_ms: int = 0
+    attempt: Int32 = 0
+    comp_attempt: Int32 = 0
+    dispatch_at_ms: Int64 = 0
+    deadline_ms: Int64 = 0
     output: str | None = None
     error: str | None = None
 
@@ -163,8 +167,8 @@ class SagaSnapshot(Frozen):
     status: SagaStatus
     steps: tuple[StepSnapshot, ...]
     reason: str | None = None
-    started_ms: int
-    updated_ms: int
+    started_ms: Int64
+    updated_ms: Int64
 
 
 # --- top-level records ------------------------------------------------------------------------
@@ -175,9 +179,9 @@ class SagaLogRecord(Frozen):
 
     AVRO_NAME: ClassVar[str] = "sagalog.SagaLogRecord"
     saga_id: str
-    seq: int
-    epoch: int
-    timestamp_ms: int
+    seq: Int64
+    epoch: Int64
+    timestamp_ms: Int64
     event: Event
     snapshot: SagaSnapshot
     writer: str | None = None
@@ -187,10 +191,10 @@ class PartitionClaim(Frozen):
     """A manager took over a log partition with this epoch; older epochs are zombies from then on."""
 
     AVRO_NAME: ClassVar[str] = "sagalog.PartitionClaim"
-    partition: int
-    epoch: int
+    partition: Int32
+    epoch: Int64
     owner: str
-    timestamp_ms: int
+    timestamp_ms: Int64
 
     @staticmethod
     def key(partition: int) -> bytes:
@@ -202,14 +206,14 @@ class StartSaga(Frozen):
     saga_id: str
     saga_type: str
     payload: str
-    requested_ms: int
+    requested_ms: Int64
 
 
 class CancelSaga(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.CancelSaga"
     saga_id: str
     reason: str
-    requested_ms: int
+    requested_ms: Int64
 
 
 class ParticipantCommand(Frozen):
@@ -219,14 +223,14 @@ class ParticipantCommand(Frozen):
     saga_type: str
     step: str
     action: Action
-    attempt: int
-    epoch: int
+    attempt: Int32
+    epoch: Int64
     payload: str
     outputs: str
     reply_topic: str
-    reply_partition: int
-    deadline_ms: int
-    issued_ms: int
+    reply_partition: Int32
+    deadline_ms: Int64
+    issued_ms: Int64
 
     @staticmethod
     def make_id(saga_id: str, step: str, action: Action) -> str:
@@ -240,26 +244,26 @@ class ParticipantReply(Frozen):
     saga_id: str
     step: str
     action: Action
-    attempt: int
-    epoch: int
+    attempt: Int32
+    epoch: Int64
     outcome: ReplyOutcome
     output: str | None = None
     error: str | None = None
     participant: str
-    replied_ms: int
+    replied_ms: Int64
 
 
 class DeadLetter(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.DeadLetter"
     source_topic: str
-    source_partition: int
-    source_offset: int
+    source_partition: Int32
+    source_offset: Int64
     key: bytes | None = None
     value: bytes | None = None
     reason: str
     error_type: str
     component: str
-    dead_lettered_ms: int
+    dead_lettered_ms: Int64
 
 
 TOP_LEVEL: tuple[type[Frozen], ...] = (

@@ -22,7 +22,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from sagalog.definition import RetryPolicy, SagaDefinition, StepDefinition
-from sagalog.fold import SagaState, apply, begin
+from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin
 from sagalog.records import (
     EVENT_TYPES,
     TOP_LEVEL,
@@ -227,14 +227,18 @@ def saga_definitions(draw: st.DrawFn, min_steps: int = 1, max_steps: int = 5) ->
 # --- legal saga histories --------------------------------------------------------------------
 
 
-def _may_have_effect(state: SagaState, definition: SagaDefinition, name: str) -> bool:
-    """Must this step be compensated before the saga may end aborted?"""
+def _needs_compensation(state: SagaState, definition: SagaDefinition, name: str, in_flight_too: bool) -> bool:
+    """Must this step be compensated before the saga may end aborted?
+
+    The fold requires it for every compensable step that may have had an effect (succeeded, timed
+    out, or in flight). A non-compensable step in flight at the abort may be waited for (what the
+    manager does: its end is recorded) or compensated anyway (also legal): ``in_flight_too`` picks
+    one per saga.
+    """
     step = state.step(name)
-    if step.status is StepStatus.RUNNING:  # in flight: effect unknown, and it can no longer end
-        return True
-    return (
-        step.status in (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT) and definition.by_name[name].compensable
-    )
+    if step.status not in NEEDS_COMPENSATION or step.status is StepStatus.COMPENSATING:
+        return False
+    return definition.by_name[name].compensable or (in_flight_too and step.status is StepStatus.RUNNING)
 
 
 @st.composite
@@ -256,6 +260,7 @@ def saga_histories(
     writer = draw(st.none() | IDS)
     now = draw(EPOCH_MS)
     epoch = draw(st.integers(0, 2**40))
+    in_flight_too = draw(st.booleans())
     first, state = begin(sid, definition, draw(JSON_TEXT), now, epoch)
     history = [
         SagaLogRecord(
@@ -332,7 +337,7 @@ def saga_histories(
                 if draw(st.integers(0, 11)) == 11:
                     moves = [("cancel", None)]
         else:  # COMPENSATING
-            to_compensate = {n for n in steps if _may_have_effect(state, definition, n)}
+            to_compensate = {n for n in steps if _needs_compensation(state, definition, n, in_flight_too)}
             compensating = [n for n, s in steps.items() if s.status is StepStatus.COMPENSATING]
             for n in sorted(to_compensate):
                 waiting = [d for d in definition.dependents[n] if d in to_compensate or d in compensating]
@@ -342,7 +347,11 @@ def saga_histories(
                 moves.append(("compensated", n))
                 if steps[n].comp_attempt < max_comp_attempts:
                     moves.append(("compensate_retry", n))
-            if not to_compensate and not compensating:
+            # A non-compensable step still in flight: its end is recorded before the saga may end.
+            in_flight = [n for n, s in steps.items() if s.status is StepStatus.RUNNING and n not in to_compensate]
+            for n in in_flight:
+                moves.append(("end_in_flight", n))
+            if not to_compensate and not compensating and not in_flight:
                 moves.append(("aborted", None))
         assert moves, f"history driver stuck at {state!r}"
         kind, name = draw(st.sampled_from(moves))
@@ -368,6 +377,8 @@ def saga_histories(
                     step=name, outcome=StepOutcome.FAILED, error=error
                 )
             )
+        elif kind == "end_in_flight":
+            emit(lambda now, name=name: StepEnded(step=name, outcome=StepOutcome.SUCCEEDED, output="{}"))
         elif kind == "time_out":
             emit(lambda now, name=name: StepEnded(step=name, outcome=StepOutcome.TIMED_OUT, error="no reply"))
         elif kind == "abort":
@@ -406,7 +417,8 @@ def partition_logs(draw: st.DrawFn, max_sagas: int = 4, partition: int = 0) -> l
     epoch is not part of the snapshot). Finished sagas are sometimes tombstoned later on.
     """
     n = draw(st.integers(1, max_sagas))
-    ids = draw(st.lists(IDS, min_size=n, max_size=n, unique=True))
+    saga_ids = IDS.filter(lambda i: not i.startswith("__claim__/"))  # claim keys share the partition
+    ids = draw(st.lists(saga_ids, min_size=n, max_size=n, unique=True))
     histories = [list(draw(saga_histories(saga_id=i))) for i in ids]
     pending = [h for h in histories if h]
     epoch = draw(st.integers(0, 1000))

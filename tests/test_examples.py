@@ -98,8 +98,8 @@ def test_release_is_idempotent_and_harmless_without_a_hold(books: Any) -> None:
 
 def test_sold_out_is_a_business_failure_that_changes_nothing(books: Any) -> None:
     cars, conn, path = books("cars", ExampleOptions(capacity=2))
-    for saga in ("s1", "s2"):
-        in_savepoint(conn, lambda saga=saga: cars.reserve(ctx(saga, {"car": "van"}), conn))
+    in_savepoint(conn, lambda: cars.reserve(ctx("s1", {"car": "van"}), conn))
+    in_savepoint(conn, lambda: cars.reserve(ctx("s2", {"car": "van"}), conn))
     with pytest.raises(BusinessFailure, match="no van car left"):
         in_savepoint(conn, lambda: cars.reserve(ctx("s3", {"car": "van"}), conn))
     with pytest.raises(BusinessFailure, match="sold out"):

@@ -7,13 +7,12 @@ write after the new owner's takeover, so the fencing itself is what is tested.
 
 from __future__ import annotations
 
+from manager import decide
+from manager.runtime import Manager, ManagerSettings, now_ms
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet, SagaDefinition
 from sagalog.reader import fold_log, scan
 from sagalog.records import ParticipantCommand, PartitionClaim, SagaLogRecord, StartSaga
-
-from manager import decide
-from manager.runtime import Manager, ManagerSettings, now_ms
 
 DEFINITION = SagaDefinition(
     name="pair",

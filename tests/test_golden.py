@@ -27,7 +27,7 @@ from sagalog.records import (
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 NAMES = ["happy_path", "business_failure", "timeout_retry", "dag_abort"]
-V1_FINGERPRINT = "26b0c560bcdbbbca"  # schemas/history/saga_log_record.v1.avsc, as on the wire
+V1_FINGERPRINT = "cabbdbbc60c5b026"  # schemas/history/saga_log_record.v1.avsc, as on the wire
 
 
 def load(name: str) -> tuple[list[tuple[bytes, bytes | None]], dict[str, Any]]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from harness import wait_for
+
 from sagalog.broker import free_port
 
 SAGA = [sys.executable, "-m", "sagalog.cli"]

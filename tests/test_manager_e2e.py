@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
-
 from harness import (
     CODEC,
     ManagerProcess,
@@ -20,6 +19,7 @@ from harness import (
     wait_for,
     wait_terminal,
 )
+
 from sagalog.config import Topics
 from sagalog.kafka import consumer_config, producer_config
 from sagalog.reader import scan

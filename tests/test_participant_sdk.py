@@ -8,19 +8,30 @@ replies and dead letters with a plain consumer.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from participants import BusinessFailure, JournalEntry, Participant, SqliteStore, StepContext, Verdict, decide
+from participants import (
+    BusinessFailure,
+    JournalEntry,
+    Participant,
+    SqliteStore,
+    StepContext,
+    StoreTransaction,
+    Verdict,
+    decide,
+)
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.records import Action, DeadLetter, ParticipantCommand, ParticipantReply, ReplyOutcome
@@ -104,11 +115,11 @@ def test_decide(
 calls: Counter[tuple[str, Action]] = Counter()
 
 
-def build(topics: Topics, bootstrap: str, db: Path) -> Participant:
+def build(topics: Topics, bootstrap: str, db: Path, store_type: type[SqliteStore] = SqliteStore) -> Participant:
     def setup(conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS effects (saga_id TEXT, action TEXT, attempt INTEGER)")
 
-    participant = Participant(NAME, topics=topics, bootstrap=bootstrap, store=SqliteStore(db, setup=setup),
+    participant = Participant(NAME, topics=topics, bootstrap=bootstrap, store=store_type(db, setup=setup),
                               poll_timeout_s=0.1)
 
     @participant.execute("reserve")
@@ -139,7 +150,7 @@ class Harness:
     """Sends commands like a manager, collects replies and dead letters like the inbox would."""
 
     def __init__(self, bootstrap: str, topics: Topics, db: Path) -> None:
-        self.topics, self.db = topics, db
+        self.bootstrap, self.topics, self.db = bootstrap, topics, db
         self.reply_topic = topics.inbox
         self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
         self.consumer = Consumer({
@@ -156,8 +167,8 @@ class Harness:
     def send(self, cmd: ParticipantCommand | bytes, key: str = "", partition: int | None = None) -> None:
         value = cmd if isinstance(cmd, bytes) else codec.encode(cmd)
         key = key or (cmd.saga_id if isinstance(cmd, ParticipantCommand) else "junk")
-        kwargs = {} if partition is None else {"partition": partition}
-        self.producer.produce(self.topics.commands(NAME), value, key=key.encode(), **kwargs)
+        self.producer.produce(self.topics.commands(NAME), value, key=key.encode(),
+                              partition=-1 if partition is None else partition)  # -1: by key
         self.producer.flush(10)
 
     def _drain(self, timeout_s: float) -> None:
@@ -167,7 +178,7 @@ class Harness:
             record = codec.decode(msg.value())
             if isinstance(record, ParticipantReply):
                 assert msg.key() == record.saga_id.encode()
-                self.replies[record.saga_id].append((msg.partition(), record))
+                self.replies[record.saga_id].append((msg.partition() or 0, record))
             elif isinstance(record, DeadLetter):
                 self.dead_letters.append(record)
 
@@ -209,6 +220,27 @@ def harness(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         thread.join(30)
         h.close()
     assert not thread.is_alive()
+
+
+def end_offset(bootstrap: str, topic: str, partition: int, timeout_s: float = 10.0) -> int:
+    """The next offset of a partition, read to its end (partition EOF, from fetch responses).
+
+    Not ``get_watermark_offsets``: Tansu answers ListOffsets with the base offset + 1 of the
+    last record batch, which undercounts when that batch holds several records.
+    """
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offset-reader",
+                       "enable.partition.eof": True, "isolation.level": "read_committed"})
+    try:
+        reader.assign([TopicPartition(topic, partition, 0)])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            error = msg.error() if msg is not None else None
+            if msg is not None and error is not None and error.code() == KafkaError._PARTITION_EOF:
+                return int(msg.offset() or 0)
+        raise AssertionError(f"no end of {topic}[{partition}] within {timeout_s}s")
+    finally:
+        reader.close()
 
 
 def new_saga() -> str:
@@ -327,11 +359,13 @@ def test_bad_messages_go_to_dead_letters_and_the_participant_keeps_serving(harne
                                                   "command_id": no_compensate.command_id + "-c"}))
     bad_json = command(new_saga(), reply_topic=harness.reply_topic).model_copy(update={"payload": "{nope"})
     harness.send(bad_json)
+    nowhere = command(new_saga(), reply_topic=harness.reply_topic, reply_partition=99)  # no such partition
+    harness.send(nowhere)
 
     saga = new_saga()
     harness.send(command(saga, reply_topic=harness.reply_topic))
     assert harness.wait_replies(saga, 1)[0].outcome is ReplyOutcome.SUCCESS
-    harness.wait_until(lambda: len(harness.dead_letters) >= before + 5, "5 dead letters")
+    harness.wait_until(lambda: len(harness.dead_letters) >= before + 6, "6 dead letters")
 
     letters = {letter.error_type + ":" + (letter.key or b"").decode(): letter
                for letter in harness.dead_letters[before:]}
@@ -341,6 +375,7 @@ def test_bad_messages_go_to_dead_letters_and_the_participant_keeps_serving(harne
         f"UnknownStep:{unknown_step.saga_id}",
         f"UnknownStep:{no_compensate.saga_id}",
         f"InvalidCommand:{bad_json.saga_id}",
+        f"UndeliverableReply:{nowhere.saga_id}",
     }
     junk_letter = letters["MalformedRecord:junk-1"]
     assert junk_letter.value == b"not avro at all"
@@ -348,6 +383,9 @@ def test_bad_messages_go_to_dead_letters_and_the_participant_keeps_serving(harne
     assert junk_letter.component.startswith(f"participant:{NAME}@")
     assert "fly-to-the-moon" in letters[f"UnknownStep:{unknown_step.saga_id}"].reason
     assert "no compensate handler" in letters[f"UnknownStep:{no_compensate.saga_id}"].reason
+    undeliverable = letters[f"UndeliverableReply:{nowhere.saga_id}"]
+    assert (undeliverable.source_topic, undeliverable.source_partition) == (harness.reply_topic, 99)
+    assert isinstance(codec.decode(undeliverable.value), ParticipantReply)  # the reply itself is kept
     assert harness.replies[unknown_step.saga_id] == []
     assert [r.outcome for r in harness.wait_replies(no_compensate.saga_id, 1)] == [ReplyOutcome.SUCCESS]
 
@@ -362,8 +400,154 @@ def test_offsets_and_outbox_are_kept_in_sqlite(harness: Harness) -> None:
             return conn.execute("SELECT count(*) FROM saga_outbox").fetchone()[0] == 0
 
     harness.wait_until(outbox_empty, "delivered replies to be deleted from the outbox")
-    _, high = harness.consumer.get_watermark_offsets(TopicPartition(harness.topics.commands(NAME), 1), timeout=10)
+    high = end_offset(harness.bootstrap, harness.topics.commands(NAME), 1)
     with sqlite3.connect(harness.db) as conn:
         stored = dict(conn.execute("SELECT partition, next_offset FROM saga_consumer_offsets WHERE topic = ?",
                                    (harness.topics.commands(NAME),)).fetchall())
     assert stored[1] == high  # everything on the partition was processed and its position committed
+
+
+
+# --- participants of their own: a failing store, the stateless mode -------------------------
+
+
+class FlakyStore(SqliteStore):
+    """Fails the commit of its first batch, as a full disk or a lock timeout would."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.failures_left = 1
+
+    @contextmanager
+    def transaction(self) -> Iterator[StoreTransaction]:
+        with super().transaction() as tx:
+            yield tx
+            if self.failures_left:
+                self.failures_left -= 1
+                raise sqlite3.OperationalError("disk I/O error")
+
+
+def run_in_thread(participant: Participant) -> threading.Thread:
+    thread = threading.Thread(target=participant.run, name=f"participant-{participant.name}")
+    thread.start()
+    return thread
+
+
+def test_a_batch_the_store_cannot_commit_is_read_again(
+    bootstrap: str, make_topics: Callable[..., Topics], tmp_path: Path
+) -> None:
+    topics = make_topics(partitions=PARTITIONS, participants=[NAME])
+    db = tmp_path / "flaky.db"
+    participant = build(topics, bootstrap, db, FlakyStore)
+    harness = Harness(bootstrap, topics, db)
+    thread = run_in_thread(participant)
+    try:
+        saga = new_saga()
+        harness.send(command(saga, reply_topic=harness.reply_topic, reply_partition=1))
+        [reply] = harness.wait_replies(saga, 1)
+        assert reply.outcome is ReplyOutcome.SUCCESS
+        assert calls[(saga, Action.EXECUTE)] == 2  # run, rolled back with the batch, run again
+        assert harness.effects(saga) == [("EXECUTE", 1)]  # but applied once
+        harness.wait_until(lambda: participant.unacknowledged == 0, "the reply to be acknowledged")
+        assert end_offset(bootstrap, topics.inbox, 1) == 1  # answered once
+    finally:
+        participant.stop()
+        thread.join(30)
+        harness.close()
+
+
+def test_stateless_participant_answers_every_command(
+    bootstrap: str, make_topics: Callable[..., Topics], tmp_path: Path
+) -> None:
+    from participants.examples import noop_participant
+
+    topics = make_topics(partitions=PARTITIONS, participants=["noop"])
+    participant = noop_participant("noop", topics=topics, bootstrap=bootstrap, poll_timeout_s=0.1)
+    harness = Harness(bootstrap, topics, tmp_path / "unused.db")
+    thread = run_in_thread(participant)
+    try:
+        saga = new_saga()
+        for cmd in (command(saga, step="a"), command(saga, step="a"), command(saga, Action.COMPENSATE, step="a")):
+            harness.producer.produce(topics.commands("noop"), codec.encode(cmd.model_copy(
+                update={"reply_topic": topics.inbox})), key=saga.encode())
+        harness.producer.produce(topics.commands("noop"), b"junk", key=b"junk")
+        harness.producer.flush(10)
+        replies = harness.wait_replies(saga, 3)
+        assert [(r.action, r.outcome, r.output) for r in replies] == [
+            (Action.EXECUTE, ReplyOutcome.SUCCESS, "{}"),
+            (Action.EXECUTE, ReplyOutcome.SUCCESS, "{}"),  # no journal: answered again
+            (Action.COMPENSATE, ReplyOutcome.SUCCESS, "{}"),
+        ]
+        harness.wait_until(lambda: any(d.error_type == "MalformedRecord" for d in harness.dead_letters),
+                           "the junk to be dead-lettered")
+    finally:
+        participant.stop()
+        thread.join(30)
+        harness.close()
+    # Stateless: Kafka's committed offsets are the position, committed once replies were acknowledged.
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": participant.group_id})
+    committed = reader.committed([TopicPartition(topics.commands("noop"), p) for p in range(PARTITIONS)], timeout=10)
+    reader.close()
+    highs = [end_offset(bootstrap, topics.commands("noop"), p) for p in range(PARTITIONS)]
+    assert [max(tp.offset, 0) for tp in committed] == highs
+
+
+# --- the wire format documented in docs/CONTRACT.md -----------------------------------------
+
+CONTRACT = Path(__file__).resolve().parent.parent / "docs" / "CONTRACT.md"
+
+
+def contract_vectors() -> list[bytes]:
+    """The hex test vectors of the contract, in order: a command, then a reply."""
+    blocks = re.findall(r"```\n((?:[0-9a-f]{2}[ \n])+)```", CONTRACT.read_text())
+    return [bytes.fromhex(block) for block in blocks]
+
+
+def vector_records() -> tuple[ParticipantCommand, ParticipantReply]:
+    cmd = ParticipantCommand(
+        command_id="s-1/book-flight/execute", saga_id="s-1", saga_type="book-trip", step="book-flight",
+        action=Action.EXECUTE, attempt=1, epoch=7, payload="{}", outputs="{}", reply_topic="saga.inbox",
+        reply_partition=3, deadline_ms=0, issued_ms=0,
+    )
+    reply = ParticipantReply(
+        command_id=cmd.command_id, saga_id="s-1", step="book-flight", action=Action.EXECUTE, attempt=1, epoch=7,
+        outcome=ReplyOutcome.SUCCESS, output="{}", error=None, participant="flights", replied_ms=0,
+    )
+    return cmd, reply
+
+
+def spec_fingerprint(schema_file: str) -> bytes:
+    """CRC-64-AVRO as the Avro spec defines it (and Java writes it), independent of the codec."""
+    from fastavro.schema import to_parsing_canonical_form
+
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    schema = json.loads((Path(__file__).resolve().parent.parent / "schemas" / schema_file).read_text())
+    for byte in to_parsing_canonical_form(schema).encode():
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp.to_bytes(8, "little")
+
+
+def test_contract_vectors_have_the_documented_header_and_body() -> None:
+    command_vector, reply_vector = contract_vectors()
+    cmd, reply = vector_records()
+    assert command_vector[:10] == b"\xc3\x01" + spec_fingerprint("participant_command.avsc")
+    assert reply_vector[:10] == b"\xc3\x01" + spec_fingerprint("participant_reply.avsc")
+    assert command_vector[10:] == codec.encode(cmd)[10:]
+    assert reply_vector[10:] == codec.encode(reply)[10:]
+    for schema_file in ("participant_command.avsc", "participant_reply.avsc", "dead_letter.avsc"):
+        assert " ".join(f"{b:02x}" for b in spec_fingerprint(schema_file)) in CONTRACT.read_text()
+
+
+def test_codec_writes_the_contract_bytes() -> None:
+    command_vector, reply_vector = contract_vectors()
+    cmd, reply = vector_records()
+    assert codec.encode(cmd) == command_vector
+    assert codec.encode(reply) == reply_vector
+    assert codec.decode(command_vector) == cmd

@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from harness import ManagerProcess, ScriptedParticipant, start_sagas, wait_for, wait_terminal
+
 from sagalog.reader import fold_log, scan
 from sagalog.records import PartitionClaim, SagaLogRecord, StepEnded
 

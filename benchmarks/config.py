@@ -1,0 +1,151 @@
+"""What the benchmark runs: the parts, their sizes (full and quick), and the targets they meet or not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+#: The parts in the order they run. ``--skip`` takes these names.
+PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of MISSION.md ("Targets"): the figure it applies to and the bound."""
+
+    key: str  # dotted path into the results JSON
+    label: str
+    bound: float
+    higher_is_better: bool
+    unit: str
+    note: str = ""
+
+    def met(self, value: float | None) -> bool | None:
+        if value is None:
+            return None
+        return value >= self.bound if self.higher_is_better else value <= self.bound
+
+    @property
+    def text(self) -> str:
+        sign = ">=" if self.higher_is_better else "<="
+        return f"{sign} {self.bound:,.0f} {self.unit}".replace(".0 ", " ")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and durations of one run. :meth:`quick` fits in under two minutes on 2 cores."""
+
+    quick: bool = False
+    partitions: int = 6
+    session_timeout_ms: int = 6000
+    participant_processes: int = 1
+    # 1. broker ceiling
+    ceiling_messages: int = 1_000_000
+    ceiling_message_bytes: int = 200
+    # 2. throughput: a closed-loop probe (a fixed number of sagas in flight) estimates capacity,
+    #    then the open-loop generator offers overload_factor times that for saturation_seconds
+    probe_seconds: float = 10.0
+    probe_in_flight: int = 500
+    overload_factor: float = 1.1
+    saturation_seconds: float = 20.0
+    replicas: tuple[int, ...] = (1, 2)
+    # 3. latency: offered loads (sagas/s), seconds per load
+    latency_rates: tuple[int, ...] = (100, 500, 1000)
+    latency_seconds: float = 15.0
+    # 4. replay: log records on the partition taken over; share of unfinished sagas among them
+    replay_records: int = 100_000
+    replay_live_share: float = 0.1
+    # 5. recovery: offered load while one of three managers is killed
+    recovery_rate: int = 200
+    recovery_session_timeout_ms: int = 6000
+    # 6. memory: live sagas held by one manager (after a warm-up of memory_warmup sagas)
+    memory_sagas: int = 50_000
+    memory_warmup: int = 1000
+    # 7. query: sagas in the log, single-saga queries timed
+    query_sagas: int = 1_000_000
+    query_samples: int = 200
+    query_cli_samples: int = 10
+    # generous bounds for waiting on the system under test
+    warmup_sagas: int = 50
+    drain_timeout_s: float = 30.0
+    skip: frozenset[str] = field(default_factory=frozenset)
+    profile: bool = False
+    profile_seconds: float = 15.0
+
+    @classmethod
+    def full(cls, **overrides: object) -> BenchConfig:
+        return replace(cls(), **overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_quick(cls, **overrides: object) -> BenchConfig:
+        quick = cls(
+            quick=True,
+            session_timeout_ms=3000,
+            ceiling_messages=200_000,
+            probe_seconds=4.0,
+            saturation_seconds=6.0,
+            latency_rates=(100, 500, 1000),
+            latency_seconds=4.0,
+            replay_records=10_000,
+            recovery_rate=150,
+            recovery_session_timeout_ms=3000,
+            memory_sagas=5000,
+            memory_warmup=300,
+            query_sagas=20_000,
+            query_samples=40,
+            query_cli_samples=3,
+            warmup_sagas=20,
+            drain_timeout_s=10.0,
+            profile_seconds=8.0,
+        )
+        return replace(quick, **overrides)  # type: ignore[arg-type]
+
+    def scaled(self, factor: float) -> BenchConfig:
+        """Every size and duration times ``factor`` (with floors): for tests that only check the plumbing."""
+        if factor == 1.0:
+            return self
+
+        def n(value: int, floor: int) -> int:
+            return max(floor, int(value * factor))
+
+        def s(value: float, floor: float) -> float:
+            return max(floor, value * factor)
+
+        return replace(
+            self,
+            ceiling_messages=n(self.ceiling_messages, 5000),
+            probe_seconds=s(self.probe_seconds, 1.5),
+            probe_in_flight=n(self.probe_in_flight, 50),
+            saturation_seconds=s(self.saturation_seconds, 2.0),
+            latency_rates=tuple(max(20, int(r * factor)) for r in self.latency_rates),
+            latency_seconds=s(self.latency_seconds, 1.5),
+            replay_records=n(self.replay_records, 500),
+            recovery_rate=n(self.recovery_rate, 40),
+            memory_sagas=n(self.memory_sagas, 300),
+            memory_warmup=n(self.memory_warmup, 50),
+            query_sagas=n(self.query_sagas, 500),
+            query_samples=n(self.query_samples, 10),
+            query_cli_samples=n(self.query_cli_samples, 1),
+            warmup_sagas=n(self.warmup_sagas, 5),
+            profile_seconds=s(self.profile_seconds, 2.0),
+        )
+
+    def runs(self, part: str) -> bool:
+        return part not in self.skip
+
+
+#: MISSION.md "Targets", keyed by where the figure is in the results JSON.
+TARGETS: tuple[Target, ...] = (
+    Target("throughput.best_sagas_per_s", "Throughput, 3-step sagas completed/s (no-op participants)", 3000, True, "sagas/s"),
+    Target("latency.at_500.p99_ms", "Latency p99 start-to-end at 500 sagas/s", 50, False, "ms"),
+    Target(
+        "recovery.progress_after_kill_ms",
+        "Recovery: killed manager's sagas progress again",
+        0,  # replaced by session timeout + 1 s of the run (see report.targets_for)
+        False,
+        "ms",
+        "session timeout + 1 s",
+    ),
+    Target("replay.records_per_s", "Replay of a partition on takeover", 200_000, True, "records/s"),
+    Target("memory.bytes_per_live_saga", "Memory per live saga in a manager", 2048, False, "bytes"),
+    Target("query.status_p99_ms", "Status query for one saga (p99)", 100, False, "ms"),
+)

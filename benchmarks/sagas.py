@@ -1,0 +1,426 @@
+"""2. Throughput and 3. latency, end to end: real manager and no-op participant processes.
+
+A :class:`Rig` is one deployment under test (its own topic prefix, managers started with
+``python -m sagalog.cli manager``, no-op participants with ``... participant run noop``), plus the
+bench's generator and log tailer. It is ready when the log's partition claims show every
+partition owned by one of its managers and a few warm-up sagas have completed.
+
+Throughput (per replica count):
+
+1. a closed-loop probe keeps ``probe_in_flight`` sagas in flight for ``probe_seconds``: the
+   completion rate is an estimate of capacity that builds no backlog;
+2. the open-loop generator then offers ``overload_factor`` (1.1) times that rate for
+   ``saturation_seconds``; throughput = sagas whose ``SagaEnded`` falls in the steady window (the
+   last 70 % of the run) per second. Far more overload than that would measure something else:
+   starts and replies share the inbox, so a deep backlog of starts delays every reply behind it,
+   step timeouts fire and retries multiply the work. ``saturated`` says whether the completions
+   fell short of the offer (if not, capacity is at least the figure).
+
+Latency: offered loads in increasing order, each for ``latency_seconds``; once a load is not
+sustained (not every saga ended, or completions fell below 95 % of the offer), higher loads are
+reported as skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from benchmarks import profile as profiling
+from benchmarks.cluster import Child, Deployment, wait_until
+from benchmarks.common import Context, CpuMeter, messages_per_saga, summary
+from benchmarks.load import Generator, LogTailer, Sent, now_ms, saga_ids
+from benchmarks.wire import StartEncoder
+from participants.examples import EXAMPLE_DEFINITIONS_DIR
+from sagalog.definition import DefinitionSet, SagaDefinition
+
+BENCH_DEFINITIONS = EXAMPLE_DEFINITIONS_DIR / "bench.yaml"
+
+
+def bench_definition(path: Path = BENCH_DEFINITIONS) -> SagaDefinition:
+    names = DefinitionSet.load([path])
+    return names.get(names.names()[0])  # type: ignore[return-value]
+
+
+class Rig:
+    """One deployment under test with its generator and tailer; a context manager that cleans up."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        name: str,
+        *,
+        managers: int,
+        participants: int,
+        definitions: Path = BENCH_DEFINITIONS,
+        participant_names: tuple[str, ...] = ("noop",),
+        session_timeout_ms: int | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.definition = bench_definition(definitions)
+        self.deployment = Deployment(
+            ctx.procs,
+            ctx.bootstrap,
+            ctx.prefix(name),
+            definitions,
+            ctx.config.partitions,
+            session_timeout_ms or ctx.config.session_timeout_ms,
+            participants=participant_names,
+        )
+        self.n_managers = managers
+        self.n_participants = participants
+        self.tailer: LogTailer | None = None
+        self.generator: Generator | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Rig:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        d = self.deployment
+        d.create_topics()
+        for _ in range(self.n_managers):
+            d.start_manager()
+        for _ in range(self.n_participants):
+            d.start_participant(d.participants[0])
+        self.tailer = LogTailer(self.ctx.bootstrap, d.topics, d.partitions, self.ctx.codec).start()
+        self.generator = Generator(self.ctx.bootstrap, d.topics, StartEncoder(self.ctx.codec, self.definition.name))
+        self.wait_owned()
+
+    def wait_owned(self, managers: list[Child] | None = None, timeout_s: float = 90.0) -> None:
+        """Until every partition is claimed by one of ``managers`` (default: all started) and each has some."""
+        wanted = {m.instance_id for m in (managers or self.deployment.managers)}
+        tailer = self.tail
+
+        def ready() -> bool:
+            owners = tailer.owners()
+            return len(owners) == self.deployment.partitions and set(owners.values()) == wanted
+
+        self.ctx.progress.status(f"{self.deployment.prefix}: waiting for {len(wanted)} manager(s) to claim the partitions")
+        wait_until(ready, timeout_s, "the managers to claim every partition", check=self.check)
+
+    def warm(self, count: int) -> None:
+        ids = saga_ids("warm", count)
+        self.gen.burst(ids)
+        self.wait_done(ids, 60.0, "warm-up sagas")
+
+    def close(self) -> None:
+        if self.tailer is not None:
+            self.tailer.stop()
+        if self.generator is not None:
+            self.generator.close()
+        self.deployment.stop()
+        self.deployment.delete_topics()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @property
+    def tail(self) -> LogTailer:
+        assert self.tailer is not None
+        return self.tailer
+
+    @property
+    def gen(self) -> Generator:
+        assert self.generator is not None
+        return self.generator
+
+    def check(self) -> None:
+        self.deployment.check_alive()
+        self.tail.check()
+
+    def wait_done(self, ids: list[bytes], timeout_s: float, what: str, *, strict: bool = True) -> bool:
+        ended = self.tail.ended
+        deadline = time.monotonic() + timeout_s
+        remaining = [k for k in ids if k not in ended]
+        while remaining:
+            self.check()
+            if time.monotonic() > deadline:
+                if strict:
+                    raise TimeoutError(f"{len(remaining)} of {len(ids)} {what} did not end within {timeout_s:g}s")
+                return False
+            time.sleep(0.05)  # polling the tailer's results
+            remaining = [k for k in remaining if k not in ended]
+        return True
+
+    def meter(self) -> CpuMeter:
+        d = self.deployment
+        return CpuMeter(
+            {
+                "managers": [m.pid for m in d.managers if m.alive()],
+                "participants": [w.pid for w in d.workers if w.alive()],
+                "broker": [self.ctx.broker_pid] if self.ctx.broker_pid else [],
+                "bench": [os.getpid()],
+            }
+        )
+
+    def run_paced(self, ids: list[bytes], rate: float, label: str) -> Sent:
+        """The open-loop generator in a thread; the main thread shows progress and watches the children."""
+        result: list[Sent] = []
+        failure: list[BaseException] = []
+        stop = threading.Event()
+
+        def target() -> None:
+            try:
+                result.append(self.gen.paced(ids, rate, stop))
+            except BaseException as err:  # re-raised below
+                failure.append(err)
+
+        thread = threading.Thread(target=target, name="bench-generator", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                self.check()
+                done = self.tail.done(ids) if len(ids) < 20000 else len(self.tail.ended)
+                self.ctx.progress.status(f"{label}: {rate:,.0f} sagas/s offered, {done:,} ended")
+                thread.join(0.25)
+        finally:
+            stop.set()
+            thread.join()
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def background(self, ids: list[bytes], rate: float) -> tuple[threading.Thread, threading.Event, list[Sent]]:
+        """The open-loop generator in a thread that runs until ``ids`` are sent or the event is set."""
+        stop = threading.Event()
+        result: list[Sent] = []
+        thread = threading.Thread(target=lambda: result.append(self.gen.paced(ids, rate, stop)), name="bench-generator", daemon=True)
+        thread.start()
+        return thread, stop, result
+
+    def closed_loop(self, tag: str, in_flight: int, seconds: float, label: str) -> dict[str, Any]:
+        """Keep ``in_flight`` sagas running for ``seconds``; completions per second in the last 70 %."""
+        ended = self.tail.ended
+        sent: list[bytes] = []
+        started = now_ms()
+        end_at = time.monotonic() + seconds
+        i = 0
+        outstanding: set[bytes] = set()
+        while time.monotonic() < end_at:
+            self.check()
+            outstanding = {k for k in outstanding if k not in ended}
+            room = in_flight - len(outstanding)
+            if room > 0:
+                batch = saga_ids(tag, room, start=i)
+                i += room
+                for key in batch:
+                    self.gen._send(key)
+                self.gen.producer.poll(0)
+                sent.extend(batch)
+                outstanding.update(batch)
+            self.ctx.progress.status(f"{label}: closed loop, {in_flight} in flight, {len(sent) - len(outstanding):,} ended")
+            time.sleep(0.005)  # the loop's tick: completions arrive through the tailer
+        self.gen.producer.flush(10)
+        window_from = started + 0.3 * seconds * 1000
+        window_to = started + seconds * 1000
+        count = sum(1 for k in sent if window_from <= ended.get(k, -1) <= window_to)
+        rate = count / (0.7 * seconds)
+        self.wait_done(sent, self.ctx.config.drain_timeout_s + 30, "probe sagas", strict=False)
+        latencies = [ended[k] - self.gen.sent[k] for k in sent if k in ended]
+        return {
+            "in_flight": in_flight,
+            "seconds": seconds,
+            "sagas_per_s": round(rate, 1),
+            "latency": summary(latencies),
+        }
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+
+def measure_throughput(ctx: Context, rig: Rig, replicas: int, profile: bool = False) -> dict[str, Any]:
+    cfg = ctx.config
+    label = f"throughput, {replicas} manager(s)"
+    probe = rig.closed_loop(f"p{replicas}", cfg.probe_in_flight, cfg.probe_seconds, label)
+    ctx.progress.note(f"{label}: closed-loop probe {probe['sagas_per_s']:,.0f} sagas/s")
+    rate = max(20.0, probe["sagas_per_s"] * cfg.overload_factor)
+    n = int(rate * cfg.saturation_seconds)
+    ids = saga_ids(f"t{replicas}", n)
+    meter = rig.meter().start()
+    markers_before = rig.tail.markers()
+    ended_before = len(rig.tail.ended)
+    counts_before = Counter(rig.tail.counts)
+    sent = rig.run_paced(ids, rate, label)
+    drained = rig.wait_done(ids, cfg.drain_timeout_s, "saturation sagas", strict=False)
+    meter.stop()
+    ended = rig.tail.ended
+    completed = sum(1 for k in ids if k in ended)
+    window_from = sent.first_ms + 0.3 * (sent.last_ms - sent.first_ms)
+    in_window = sum(1 for k in ids if window_from <= ended.get(k, -1) <= sent.last_ms)
+    window_s = (sent.last_ms - window_from) / 1000
+    throughput = in_window / window_s if window_s > 0 else 0.0
+    markers = rig.tail.markers() - markers_before
+    finished = len(rig.tail.ended) - ended_before
+    steps = len(rig.definition.steps)
+    result: dict[str, Any] = {
+        "replicas": replicas,
+        "participant_processes": rig.n_participants,
+        "partitions": cfg.partitions,
+        "probe": probe,
+        "offered_per_s": round(rate, 1),
+        "sent": sent.count,
+        "generator_max_lag_ms": round(sent.max_lag_ms, 1),
+        "seconds": round(sent.seconds, 2),
+        "window_s": round(window_s, 2),
+        "sagas_per_s": round(throughput, 1),
+        "saturated": throughput < 0.95 * rate,
+        "completed": completed,
+        "drained": drained,
+        "cpu_us_per_saga": meter.per_saga_us(finished),
+        "transactions_per_saga": round(markers / finished, 3) if finished else None,
+        "log_records_per_transaction": round(finished * (2 * steps + 2) / markers, 2) if markers else None,
+        "step_retries": _retries(rig.tail.counts - counts_before, steps),
+        "timeline": _timeline(ids, ended, sent.first_ms),
+        "latency": summary([ended[k] - rig.gen.sent[k] for k in ids if k in ended]),
+    }
+    ceiling = ctx.ceiling.get("produce_msgs_per_s")
+    if ceiling:
+        result["broker_produce_share"] = round(throughput * messages_per_saga(steps) / ceiling, 3)
+    ctx.progress.note(
+        f"{label}: {throughput:,.0f} sagas/s at {rate:,.0f} offered "
+        f"({'saturated' if result['saturated'] else 'NOT saturated: capacity is higher'}); "
+        f"CPU per saga {result['cpu_us_per_saga'].get('total', 0):,.0f} µs"
+    )
+    if profile:
+        result["profile"] = _profile_run(ctx, rig, rate, replicas)
+    return result
+
+
+def _retries(counts: Counter[str], steps: int) -> int:
+    """StepBegun records beyond one per step and saga: retries after timeouts or retryable errors."""
+    return max(0, counts["StepBegun"] - steps * counts["SagaBegun"])
+
+
+def _timeline(ids: list[bytes], ended: dict[bytes, int], first_ms: float) -> list[list[float]]:
+    """Completions per second since the first start: shows whether a steady state was reached."""
+    buckets: Counter[int] = Counter()
+    for k in ids:
+        ts = ended.get(k)
+        if ts is not None:
+            buckets[int((ts - first_ms) // 1000)] += 1
+    if not buckets:
+        return []
+    return [[float(s), float(buckets.get(s, 0))] for s in range(0, max(buckets) + 1)]
+
+
+def _profile_run(ctx: Context, rig: Rig, rate: float, replicas: int) -> dict[str, Any]:
+    cfg = ctx.config
+    seconds = cfg.profile_seconds
+    targets = {"manager": rig.deployment.managers[0], "participant": rig.deployment.workers[0]}
+    ids = saga_ids(f"f{replicas}", int(rate * (seconds + 2)))
+    with profiling.Recorder(ctx, targets, seconds) as recorder:
+        rig.run_paced(ids, rate, f"profiling at {rate:,.0f} sagas/s")
+    rig.wait_done(ids, cfg.drain_timeout_s, "profiled sagas", strict=False)
+    return recorder.results
+
+
+def summarize_throughput(ctx: Context, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    definition = bench_definition()
+    steps = len(definition.steps)
+    best = max((r["sagas_per_s"] for r in runs), default=None)
+    out: dict[str, Any] = {
+        "saga_type": definition.name,
+        "steps": steps,
+        "messages_per_saga": messages_per_saga(steps),
+        "runs": runs,
+        "best_sagas_per_s": best,
+    }
+    if best is not None and ctx.ceiling.get("produce_msgs_per_s"):
+        out["best_broker_produce_share"] = round(best * messages_per_saga(steps) / ctx.ceiling["produce_msgs_per_s"], 3)
+    return out
+
+
+# --- latency ---------------------------------------------------------------------------------
+
+
+def run_latency(ctx: Context, rig: Rig) -> dict[str, Any]:
+    cfg = ctx.config
+    levels: list[dict[str, Any]] = []
+    give_up = False
+    steps = len(rig.definition.steps)
+    for rate in cfg.latency_rates:
+        if give_up:
+            levels.append({"offered_per_s": rate, "skipped": "a lower load was not sustained"})
+            continue
+        n = max(10, int(rate * cfg.latency_seconds))
+        ids = saga_ids(f"l{rate}", n)
+        meter = rig.meter().start()
+        sent = rig.run_paced(ids, rate, f"latency at {rate}/s")
+        complete = rig.wait_done(ids, cfg.drain_timeout_s, f"sagas at {rate}/s", strict=False)
+        meter.stop()
+        ended = rig.tail.ended
+        latencies = [ended[k] - rig.gen.sent[k] for k in ids if k in ended]
+        window_from = sent.first_ms + 0.2 * (sent.last_ms - sent.first_ms)
+        in_window = sum(1 for k in ids if window_from <= ended.get(k, -1) <= sent.last_ms)
+        window_s = (sent.last_ms - window_from) / 1000
+        achieved = in_window / window_s if window_s > 0 else 0.0
+        sustained = complete and achieved >= 0.95 * rate
+        level = {
+            "offered_per_s": rate,
+            "seconds": round(sent.seconds, 2),
+            "sent": sent.count,
+            "generator_rate": round(sent.rate, 1),
+            "generator_max_lag_ms": round(sent.max_lag_ms, 1),
+            "completed": len(latencies),
+            "completed_share": round(len(latencies) / n, 4),
+            "achieved_per_s": round(achieved, 1),
+            "sustained": sustained,
+            "cpu_us_per_saga": meter.per_saga_us(len(latencies)),
+            **summary(latencies),
+        }
+        ceiling = ctx.ceiling.get("produce_msgs_per_s")
+        if ceiling:
+            level["broker_produce_share"] = round(rate * messages_per_saga(steps) / ceiling, 4)
+        levels.append(level)
+        ctx.progress.note(
+            f"latency at {rate}/s: p50 {level.get('p50_ms', float('nan')):.0f} ms, p99 {level.get('p99_ms', float('nan')):.0f} ms, "
+            f"{'sustained' if sustained else 'NOT sustained'}"
+        )
+        give_up = not sustained
+    out: dict[str, Any] = {"levels": levels, "managers": 1, "participant_processes": rig.n_participants}
+    for level in levels:
+        out[f"at_{level['offered_per_s']}"] = level
+    return out
+
+
+def run_sagas(ctx: Context, throughput: bool, latency: bool) -> dict[str, Any]:
+    """Throughput for each replica count, and latency on the 1-replica deployment.
+
+    The 1-replica deployment serves both (throughput first: its probe drains fully, and what the
+    saturation run leaves in flight ends before latency is measured); other replica counts get a
+    deployment of their own, started after the previous one is stopped.
+    """
+    cfg = ctx.config
+    out: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
+    if latency or (throughput and 1 in cfg.replicas):
+        with Rig(ctx, "sagas1", managers=1, participants=cfg.participant_processes) as rig:
+            rig.warm(cfg.warmup_sagas)
+            if throughput and 1 in cfg.replicas:
+                runs.append(measure_throughput(ctx, rig, 1, profile=cfg.profile))
+                pending = [k for k in rig.gen.sent if k not in rig.tail.ended]
+                rig.wait_done(pending, cfg.drain_timeout_s * 3, "sagas left by the saturation run", strict=False)
+            if latency:
+                out["latency"] = run_latency(ctx, rig)
+    if throughput:
+        for replicas in cfg.replicas:
+            if replicas == 1:
+                continue
+            with Rig(ctx, f"tput{replicas}", managers=replicas, participants=cfg.participant_processes) as rig:
+                rig.warm(cfg.warmup_sagas)
+                runs.append(measure_throughput(ctx, rig, replicas))
+        out["throughput"] = summarize_throughput(ctx, runs)
+    return out

@@ -1,0 +1,122 @@
+"""``saga demo``: broker, managers, participants, sagas, a SIGKILL, a takeover, and checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from sagalog.cli import cli
+
+
+@cli.command("demo")
+@click.option("--sagas", type=click.IntRange(min=1), default=300, show_default=True, help="How many sagas to run.")
+@click.option("--replicas", type=click.IntRange(min=2), default=3, show_default=True, help="Manager processes.")
+@click.option(
+    "--failure-rate",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of sagas that cars/payments refuse, so they abort and compensate.",
+)
+@click.option(
+    "--kill-after",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.3,
+    show_default=True,
+    help="SIGKILL the busiest manager once this share of the sagas has been started.",
+)
+@click.option(
+    "--bootstrap-servers",
+    "-b",
+    default=None,
+    help="Use this Kafka cluster instead of starting the embedded broker (topics get a fresh prefix).",
+)
+@click.option("--topic-prefix", default=None, help="Topic prefix (default: 'saga' embedded, 'demo-<random>' otherwise).")
+@click.option("--partitions", type=click.IntRange(min=1), default=6, show_default=True, help="Partitions of the log and inbox.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=15.0, show_default=True, help="Sagas started per second.")
+@click.option(
+    "--session-timeout-ms",
+    type=click.IntRange(min=1000),
+    default=3000,
+    show_default=True,
+    help="Managers' session timeout: how long until a killed manager's partitions move.",
+)
+@click.option("--timeout", type=click.FloatRange(min=1), default=150.0, show_default=True, help="Give up after this many seconds of running sagas.")
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed of the saga mix (same seed, same sagas).")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep logs, participant databases and the read model here (default: a temporary directory, removed).",
+)
+@click.option("--keep", is_flag=True, help="Keep the temporary work directory (logs, databases) after the run.")
+@click.option("--stay", is_flag=True, help="After the report, keep everything running to query sagas (Ctrl-C stops).")
+@click.option(
+    "--report-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report (outcomes, takeover, checks) to this JSON file.",
+)
+def demo_command(
+    sagas: int,
+    replicas: int,
+    failure_rate: float,
+    kill_after: float,
+    bootstrap_servers: str | None,
+    topic_prefix: str | None,
+    partitions: int,
+    rate: float,
+    session_timeout_ms: int,
+    timeout: float,
+    seed: int,
+    work_dir: Path | None,
+    keep: bool,
+    stay: bool,
+    report_json: Path | None,
+) -> None:
+    """Run the whole story: broker, N managers, the example participants, a few hundred sagas
+    (some abort and compensate), one manager SIGKILLed mid-run and restarted, then checks.
+
+    Exits 0 when every check passes (every saga terminal, every balance consistent, managers
+    alive), 1 otherwise, 130 on Ctrl-C. Everything it started is stopped on the way out.
+    """
+    from rich.console import Console
+
+    from sagalog.demo import Demo, DemoSettings, Interrupted, print_report
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)  # logs and CI: wider than the 80-column default
+    settings = DemoSettings(
+        sagas=sagas,
+        replicas=replicas,
+        failure_rate=failure_rate,
+        kill_after=kill_after,
+        bootstrap=bootstrap_servers,
+        topic_prefix=topic_prefix,
+        partitions=partitions,
+        rate=rate,
+        session_timeout_ms=session_timeout_ms,
+        timeout_s=timeout,
+        work_dir=work_dir,
+        keep=keep,
+        seed=seed,
+        stay=stay,
+    )
+    demo = Demo(settings, console)
+    try:
+        report = demo.run()
+    except Interrupted as err:
+        click.secho(f"error: {err} (logs in {demo.work_dir})", fg="red", err=True)
+        sys.exit(130)
+    print_report(report, console)
+    if report_json is not None:
+        report_json.write_text(json.dumps(report.to_json(), indent=2, default=str))
+    if keep or work_dir is not None:
+        console.print(f"logs, participant databases and the read model: {report.work_dir}", highlight=False)
+    if not report.ok:
+        console.print(f"logs and databases kept in {report.work_dir}", highlight=False)
+        sys.exit(1)

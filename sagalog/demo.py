@@ -1,0 +1,858 @@
+"""``saga demo``: the whole story in one command, with checks at the end.
+
+What it does, in order:
+
+1. starts the embedded broker on a free port (or uses ``--bootstrap-servers``) and creates the
+   topics: the log, the inbox, the dead letters and one command topic per example participant;
+2. starts the example participants (flights, hotels, cars, credit, payments) as one process and
+   N manager replicas as N processes (``python -m sagalog.cli ...``, real OS processes), and waits
+   until the managers have claimed every log partition and the participants have joined;
+3. starts a mix of ``book-trip`` and ``place-order`` sagas at a steady rate; cars and payments
+   refuse ``--failure-rate`` of them (and a few orders use an expired card), so those abort and
+   compensate;
+4. once ``--kill-after`` of the sagas have been started, SIGKILLs the manager that owns the most
+   partitions, watches the log until other managers claim its partitions and its sagas move
+   again, then restarts it;
+5. waits until every saga is terminal, stops everything it started and checks: every saga
+   terminal, none lost, every participant's books balanced, with exactly one hold per completed
+   saga of the right size and nothing left behind by aborted ones, every manager still alive.
+
+Progress (counts by state, which manager owns which partitions, elapsed time) is read from the
+saga log through the read model, like ``saga status`` does: the demo asks no manager anything.
+The exit status is non-zero when a check fails. Every process started is stopped on the way out,
+also on Ctrl-C, and dies with the demo if the demo itself is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from sagalog.config import Topics
+from sagalog.errors import ConfigError, SagaError
+from sagalog.records import SagaStatus
+
+#: The example participants the demo runs, and the saga type each serves.
+PARTICIPANTS = {
+    "flights": "book-trip",
+    "hotels": "book-trip",
+    "cars": "book-trip",
+    "credit": "place-order",
+    "payments": "place-order",
+}
+FLIGHTS = ("SK-101", "LH-202", "AF-303", "BA-404")
+HOTELS = ("grand-central", "harbour-view", "old-town")
+CARS = ("compact", "estate", "van")
+CUSTOMERS = tuple(f"c-{i}" for i in range(1, 9))
+#: Share of orders paid with an expired card: always declined (the outbox article's example).
+EXPIRED_CARD_SHARE = 0.03
+
+
+class Interrupted(SagaError):
+    """Ctrl-C or SIGTERM: the demo stops everything it started and exits 130."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    sagas: int = 300
+    replicas: int = 3
+    failure_rate: float = 0.1
+    kill_after: float = 0.3
+    bootstrap: str | None = None  # None: start the embedded broker
+    topic_prefix: str | None = None  # None: "saga" on the embedded broker, a fresh one elsewhere
+    partitions: int = 6
+    rate: float = 15.0  # sagas started per second
+    session_timeout_ms: int = 3000
+    timeout_s: float = 150.0
+    work_dir: Path | None = None
+    keep: bool = False
+    seed: int = 7
+    stay: bool = False
+
+    def validate(self) -> None:
+        if self.sagas < 1:
+            raise ConfigError(f"--sagas must be at least 1, not {self.sagas}")
+        if self.replicas < 2:
+            raise ConfigError(
+                f"--replicas must be at least 2 (one is killed, another takes over), not {self.replicas}"
+            )
+        if not 0.0 <= self.failure_rate <= 1.0:
+            raise ConfigError(f"--failure-rate must be between 0 and 1, not {self.failure_rate}")
+        if not 0.0 <= self.kill_after < 1.0:
+            raise ConfigError(f"--kill-after must be at least 0 and below 1 (a share of the sagas), not {self.kill_after}")
+        if self.partitions < self.replicas:
+            raise ConfigError(
+                f"--partitions ({self.partitions}) must be at least --replicas ({self.replicas}): "
+                f"a manager without a partition has nothing to do"
+            )
+        if self.rate <= 0:
+            raise ConfigError(f"--rate must be positive, not {self.rate}")
+
+
+@dataclass(frozen=True)
+class PlannedSaga:
+    saga_id: str
+    saga_type: str
+    payload: dict[str, Any]
+
+    def effect(self, participant: str) -> tuple[str, int] | None:
+        """(item, quantity) this saga takes from ``participant`` when it completes."""
+        p = self.payload
+        if self.saga_type == "book-trip":
+            return {
+                "flights": (p["flight"], p["travellers"]),
+                "hotels": (p["hotel"], p["rooms"]),
+                "cars": (p["car"], 1),
+            }.get(participant)
+        if self.saga_type == "place-order" and participant in ("credit", "payments"):
+            return p["customer"], p["amount"]
+        return None
+
+
+def plan_sagas(count: int, seed: int) -> list[PlannedSaga]:
+    """A reproducible mix: about 60% trips, 40% orders, every payload field explicit."""
+    rng = random.Random(seed)
+    out: list[PlannedSaga] = []
+    for i in range(1, count + 1):
+        if rng.random() < 0.6:
+            payload: dict[str, Any] = {
+                "flight": rng.choice(FLIGHTS),
+                "travellers": rng.randint(1, 3),
+                "hotel": rng.choice(HOTELS),
+                "rooms": rng.randint(1, 2),
+                "car": rng.choice(CARS),
+            }
+            out.append(PlannedSaga(f"trip-{i:04d}", "book-trip", payload))
+        else:
+            card = "expired" if rng.random() < EXPIRED_CARD_SHARE else "4111-1111"
+            payload = {"customer": rng.choice(CUSTOMERS), "amount": rng.randint(10, 200), "card": card}
+            out.append(PlannedSaga(f"order-{i:04d}", "place-order", payload))
+    return out
+
+
+# --- child processes --------------------------------------------------------------------------
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Children die with the demo even if it is SIGKILLed (the broker's hook, reused)."""
+    from sagalog.broker import _die_with_parent_hook
+
+    return _die_with_parent_hook()  # type: ignore[return-value]
+
+
+@dataclass(eq=False)  # identity: a process is itself, not its fields
+class Child:
+    """A process the demo started: ``python -m sagalog.cli ARGS`` with its output in a log file."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    killed: bool = False
+    _log: IO[bytes] | None = None
+
+    def start(self) -> Child:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.killed = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sagalog.cli", *self.args],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Own session: Ctrl-C reaches the demo only, which then stops children in order.
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only sets the parent-death signal
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no offset commit, no leave-group; the others must notice."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+        self.killed = True
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return None if self.proc is None else self.proc.returncode
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Takeover:
+    victim: str = ""
+    victim_pid: int = 0
+    killed_at_s: float | None = None
+    partitions: list[int] = field(default_factory=list)
+    in_flight: int = 0
+    #: Start requests sent to its partitions between the kill and the takeover (they had to wait).
+    waited: int = 0
+    claimed_after_s: float | None = None
+    progress_after_s: float | None = None
+    new_owners: dict[int, str] = field(default_factory=dict)
+    restarted_at_s: float | None = None
+    rejoined_after_s: float | None = None
+    rejoined_partitions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DemoReport:
+    settings: dict[str, Any]
+    bootstrap: str
+    topic_prefix: str
+    work_dir: str
+    outcomes: dict[str, dict[str, int]] = field(default_factory=dict)  # saga type -> status -> n
+    duration_s: float = 0.0
+    latency_ms: dict[str, int] = field(default_factory=dict)
+    takeover: Takeover = field(default_factory=Takeover)
+    checks: list[Check] = field(default_factory=list)
+    dead_letters: int | None = None
+    #: Every process the demo started (name -> pids), all stopped when it returns.
+    processes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
+
+# --- the demo ---------------------------------------------------------------------------------
+
+
+class Demo:
+    """One demo run. ``run()`` returns the report; it always stops what it started."""
+
+    TICK_S = 0.1
+    REFRESH_S = 0.25
+
+    def __init__(self, settings: DemoSettings, console: Console | None = None) -> None:
+        settings.validate()
+        self.settings = settings
+        self.console = console or Console(highlight=False)
+        self.live_display = self.console.is_terminal
+        self.plan = plan_sagas(settings.sagas, settings.seed)
+        self.broker: Any = None
+        self.bootstrap = settings.bootstrap or ""
+        prefix = settings.topic_prefix
+        if prefix is None:
+            prefix = "saga" if settings.bootstrap is None else f"demo-{os.urandom(4).hex()}"
+        self.topics = Topics(prefix=prefix)
+        self._own_work_dir = settings.work_dir is None
+        self.work_dir = settings.work_dir or Path(tempfile.mkdtemp(prefix="saga-demo-"))
+        self.managers: list[Child] = []
+        self.participants: Child | None = None
+        self.names_by_pid: dict[int, str] = {}
+        self.t0 = time.monotonic()
+        self.sagas_t0: float | None = None
+        self.started = 0
+        self.sent_ms: dict[str, int] = {}
+        self.events: list[str] = []
+        self.takeover = Takeover()
+        self.unexpected_exits: list[str] = []
+        self.model: Any = None
+        self.processes: dict[str, list[int]] = {}
+        self._last_print = 0.0
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def event(self, text: str) -> None:
+        line = f"[{self.elapsed():6.1f}s] {text}"
+        self.events.append(line)
+        self.console.print(escape(line))
+
+    def _manager_args(self) -> list[str]:
+        from sagalog.cli.manager import default_definitions
+
+        return [
+            "manager",
+            "--bootstrap-servers", self.bootstrap,
+            "--topic-prefix", self.topics.prefix,
+            "--group-id", f"{self.topics.prefix}-managers",
+            "--partitions", str(self.settings.partitions),
+            "--session-timeout-ms", str(self.settings.session_timeout_ms),
+            *[arg for path in default_definitions() for arg in ("--definitions", str(path))],
+            "--log-level", "INFO",
+        ]  # fmt: skip
+
+    # -- phases --------------------------------------------------------------------------
+
+    def run(self) -> DemoReport:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        passed = False
+        try:
+            self._setup()
+            self._wait_ready()
+            self._drive()
+            report = self._finish()
+            passed = report.ok
+            if self.settings.stay:
+                self._stay()
+            return report
+        finally:
+            self._cleanup(remove_work_dir=passed and self._own_work_dir and not self.settings.keep)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; stopped everything the demo started")
+
+    def _setup(self) -> None:
+        from sagalog.broker import EmbeddedBroker
+        from sagalog.readmodel import ReadModel
+        from sagalog.topics import ensure_topics
+
+        s = self.settings
+        (self.work_dir / "db").mkdir(parents=True, exist_ok=True)
+        if s.bootstrap is None:
+            self.broker = EmbeddedBroker(port=0, log_path=self.work_dir / "broker.log").start()
+            self.bootstrap = self.broker.bootstrap
+            self.processes["broker"] = [self.broker.pid]
+            self.event(f"embedded broker ready at {self.bootstrap} (pid {self.broker.pid}, memory storage)")
+        ensure_topics(self.bootstrap, self.topics, partitions=s.partitions, participants=list(PARTICIPANTS))
+        self.event(f"topics with prefix {self.topics.prefix!r} ready: {s.partitions} partitions")
+        self.participants = Child(
+            "participants",
+            [
+                "participant", "run", *PARTICIPANTS,
+                "--db-dir", str(self.work_dir / "db"),
+                "--failure-rate", str(s.failure_rate),
+                "--bootstrap-servers", self.bootstrap,
+                "--topic-prefix", self.topics.prefix,
+                "--session-timeout-ms", str(s.session_timeout_ms),
+            ],
+            self.work_dir / "participants.log",
+        ).start()  # fmt: skip
+        self.processes["participants"] = [self.participants.pid]
+        for i in range(1, s.replicas + 1):
+            self._start_manager(Child(f"m{i}", self._manager_args(), self.work_dir / f"manager-m{i}.log"))
+        self.event(
+            f"started {s.replicas} managers ({', '.join(f'{m.name}: pid {m.pid}' for m in self.managers)}) "
+            f"and the participants {', '.join(PARTICIPANTS)} (pid {self.participants.pid})"
+        )
+        self.model = ReadModel(self.bootstrap, self.topics, state_dir=self.work_dir / "state")
+
+    def _start_manager(self, child: Child) -> None:
+        child.start()
+        self.names_by_pid[child.pid] = child.name
+        self.processes.setdefault(child.name, []).append(child.pid)
+        if child not in self.managers:
+            self.managers.append(child)
+
+    def _owner_name(self, owner: str) -> str:
+        """Claims name their owner ``host-pid``; map our pids back to m1, m2, ..."""
+        pid = owner.rsplit("-", 1)[-1]
+        return self.names_by_pid.get(int(pid), owner) if pid.isdigit() else owner
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until every partition is claimed by a live manager and every participant has joined."""
+        deadline = time.monotonic() + timeout_s
+        live_pids = {str(m.pid) for m in self.managers}
+        while True:
+            self._watch_children()
+            self.model.catch_up()
+            claims = self.model.claims()
+            claimed = [p for p, c in claims.items() if c.owner.rsplit("-", 1)[-1] in live_pids]
+            if len(claimed) == self.settings.partitions and self._participants_joined():
+                break
+            if time.monotonic() > deadline:
+                raise SagaError(
+                    f"the managers and participants were not ready after {timeout_s:g} s "
+                    f"({len(claimed)}/{self.settings.partitions} partitions claimed); logs in {self.work_dir}"
+                )
+            time.sleep(0.2)  # polling the log with a deadline
+        owners = Counter(self._owner_name(c.owner) for c in self.model.claims().values())
+        self.event(
+            "ready: partitions owned by "
+            + ", ".join(f"{name} ({n})" for name, n in sorted(owners.items()))
+            + "; participants joined"
+        )
+
+    def _participants_joined(self) -> bool:
+        """Every participant's consumer group is stable (it has joined and has its partitions)."""
+        from confluent_kafka import KafkaException
+        from confluent_kafka.admin import AdminClient
+
+        from sagalog.topics import quiet_client
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, **quiet_client()})
+        groups = [f"{self.topics.prefix}.participant.{name}" for name in PARTICIPANTS]
+        try:
+            futures = admin.describe_consumer_groups(groups, request_timeout=5)
+            states = [str(f.result().state) for f in futures.values()]
+        except KafkaException:
+            return False
+        return all(state.endswith("STABLE") for state in states)
+
+    def _watch_children(self) -> None:
+        for child in [*self.managers, *([self.participants] if self.participants else [])]:
+            if child.proc is not None and not child.alive and not child.killed:
+                line = f"{child.name} (pid {child.pid}) exited on its own with code {child.proc.returncode}"
+                if line not in self.unexpected_exits:
+                    self.unexpected_exits.append(line)
+                    self.event(f"[warning] {line}; last output:\n{child.tail()}")
+
+    def _drive(self) -> None:
+        """Start sagas at the rate, kill and restart a manager, until every saga is terminal."""
+        from confluent_kafka import Producer
+
+        from sagalog.codec import Codec
+        from sagalog.kafka import producer_config
+        from sagalog.records import StartSaga
+
+        s = self.settings
+        codec = Codec()
+        producer = Producer(producer_config(self.bootstrap))
+        kill_at = max(1, round(s.kill_after * s.sagas)) if s.kill_after > 0 else 0
+        self.sagas_t0 = time.monotonic()
+        deadline = self.sagas_t0 + s.timeout_s
+        self.event(
+            f"starting {s.sagas} sagas at {s.rate:g}/s; SIGKILL of the busiest manager after {kill_at} "
+            f"(failure rate {s.failure_rate:g})"
+        )
+        next_refresh = 0.0
+        all_started_logged = False
+        display = self._display() if self.live_display else contextlib.nullcontext(None)
+        with display as live:
+            while True:
+                now = time.monotonic()
+                due = min(s.sagas, int((now - self.sagas_t0) * s.rate) + 1)
+                while self.started < due:
+                    saga = self.plan[self.started]
+                    request = StartSaga(
+                        saga_id=saga.saga_id,
+                        saga_type=saga.saga_type,
+                        payload=json.dumps(saga.payload, separators=(",", ":")),
+                        requested_ms=int(time.time() * 1000),
+                    )
+                    producer.produce(self.topics.inbox, codec.encode(request), key=saga.saga_id.encode())
+                    self.sent_ms[saga.saga_id] = request.requested_ms
+                    self.started += 1
+                producer.poll(0)
+                if self.started == s.sagas and not all_started_logged:
+                    producer.flush(10)
+                    all_started_logged = True
+                    self.event(f"all {s.sagas} sagas started")
+                if now >= next_refresh:
+                    next_refresh = now + self.REFRESH_S
+                    self._watch_children()
+                    self.model.catch_up()
+                    if self.takeover.killed_at_s is None and self.started >= kill_at:
+                        self._kill_busiest()
+                    self._follow_takeover()
+                    counts = self.model.counts_by_status()
+                    if live is not None:
+                        live.update(self._render(counts))
+                    elif now - self._last_print >= 2.0:
+                        self._last_print = now
+                        self.console.print(escape(self._summary_line(counts)))
+                    terminal = counts[SagaStatus.COMPLETED] + counts[SagaStatus.ABORTED]
+                    if terminal >= s.sagas and self.started == s.sagas and self._takeover_settled():
+                        break
+                    if now > deadline:
+                        self.event(f"[warning] gave up waiting after {s.timeout_s:g} s (--timeout)")
+                        break
+                time.sleep(self.TICK_S)  # the pace of the start rate and the display
+        producer.flush(10)
+        self.event(f"all sagas terminal: {self._summary_line(self.model.counts_by_status())}")
+
+    def _takeover_settled(self) -> bool:
+        """The kill/takeover/restart story is told: nothing killed, or the restarted manager is back
+        at work (or has had 20 s to get there), or the takeover never happened (reported as failed)."""
+        t = self.takeover
+        if t.killed_at_s is None or t.claimed_after_s is None:
+            return True
+        if t.restarted_at_s is None:
+            return False
+        return t.rejoined_after_s is not None or self.elapsed() - t.restarted_at_s > 20
+
+    def _kill_busiest(self) -> None:
+        claims = self.model.claims()
+        by_manager: dict[Child, list[int]] = {m: [] for m in self.managers if m.alive}
+        pids = {str(m.pid): m for m in by_manager}
+        for p, claim in claims.items():
+            child = pids.get(claim.owner.rsplit("-", 1)[-1])
+            if child is not None:
+                by_manager[child].append(p)
+        victim = max(by_manager, key=lambda m: (len(by_manager[m]), m.name))
+        partitions = sorted(by_manager[victim])
+        t = self.takeover
+        t.victim, t.victim_pid, t.partitions = victim.name, victim.pid, partitions
+        t.in_flight = self.model.live_count(partitions)
+        self._epochs_at_kill = {p: claims[p].epoch for p in partitions}
+        self._kill_wall_ms = int(time.time() * 1000)
+        victim.kill()
+        t.killed_at_s = self.elapsed()
+        self.event(
+            f"SIGKILL {victim.name} (pid {victim.pid}), owner of partitions "
+            f"{', '.join(map(str, partitions)) or 'none'} with {t.in_flight} sagas in flight"
+        )
+
+    def _follow_takeover(self) -> None:
+        t = self.takeover
+        if t.killed_at_s is None:
+            return
+        claims = self.model.claims()
+        if t.restarted_at_s is not None:
+            if t.rejoined_after_s is None:
+                victim = next(m for m in self.managers if m.name == t.victim)
+                owned = sorted(p for p, c in claims.items() if c.owner.rsplit("-", 1)[-1] == str(victim.pid))
+                if owned:
+                    t.rejoined_after_s = self.elapsed() - t.restarted_at_s
+                    t.rejoined_partitions = owned
+                    self.event(
+                        f"{victim.name} is back: it owns partitions {', '.join(map(str, owned))} "
+                        f"{t.rejoined_after_s:.1f} s after its restart"
+                    )
+            return
+        if t.claimed_after_s is None:
+            taken = {
+                p: claims[p] for p in t.partitions if p in claims and claims[p].epoch > self._epochs_at_kill[p]
+            }
+            if len(taken) == len(t.partitions):
+                from sagalog.readmodel import partition_for
+
+                t.new_owners = {p: self._owner_name(c.owner) for p, c in taken.items()}
+                claimed_ms = max(c.claimed_ms for c in taken.values())
+                t.claimed_after_s = (claimed_ms - self._kill_wall_ms) / 1000
+                t.waited = sum(
+                    1
+                    for sid, sent in self.sent_ms.items()
+                    if self._kill_wall_ms <= sent <= claimed_ms
+                    and partition_for(sid.encode(), self.settings.partitions) in t.partitions
+                )
+                self.event(
+                    f"partitions {', '.join(map(str, t.partitions))} claimed by "
+                    f"{', '.join(sorted(set(t.new_owners.values())))}, {t.claimed_after_s:.1f} s after the kill "
+                    f"({t.waited} sagas were started on them meanwhile and waited)"
+                )
+        if t.claimed_after_s is not None and t.progress_after_s is None:
+            firsts = [
+                self.model.first_record_ms(p, after_epoch=self._epochs_at_kill[p], since_ms=self._kill_wall_ms)
+                for p in t.partitions
+            ]
+            if all(f is not None for f in firsts):
+                t.progress_after_s = max(f for f in firsts if f is not None) / 1000 - self._kill_wall_ms / 1000
+                self.event(f"sagas on them progressing again {t.progress_after_s:.1f} s after the kill")
+        settled = t.progress_after_s is not None or (
+            t.claimed_after_s is not None and self.elapsed() - t.killed_at_s > 20
+        )
+        if settled:
+            victim = next(m for m in self.managers if m.name == t.victim)
+            self._start_manager(victim)
+            t.restarted_at_s = self.elapsed()
+            self.event(f"restarted {victim.name} (pid {victim.pid}); the group rebalances around it")
+
+    # -- display -------------------------------------------------------------------------
+
+    def _display(self) -> Any:
+        from rich.live import Live
+
+        return Live(console=self.console, refresh_per_second=4, transient=False)
+
+    def _summary_line(self, counts: dict[SagaStatus, int]) -> str:
+        return (
+            f"started {self.started}/{self.settings.sagas}: "
+            + ", ".join(f"{counts[s]} {s.value.lower()}" for s in SagaStatus)
+            + f"  [{self.elapsed():.1f} s]"
+        )
+
+    def _render(self, counts: dict[SagaStatus, int]) -> Group:
+        s = self.settings
+        terminal = counts[SagaStatus.COMPLETED] + counts[SagaStatus.ABORTED]
+        header = (
+            f"[bold]saga demo[/] {s.sagas} sagas, {s.replicas} managers, failure rate {s.failure_rate:g}"
+            f"   elapsed {self.elapsed():.1f} s"
+        )
+        states = Table.grid(padding=(0, 2))
+        for _ in range(5):
+            states.add_column(justify="right")
+        states.add_row("started", "running", "compensating", "[green]completed[/]", "[red]aborted[/]")
+        states.add_row(
+            f"{self.started}/{s.sagas}",
+            str(counts[SagaStatus.RUNNING]),
+            str(counts[SagaStatus.COMPENSATING]),
+            str(counts[SagaStatus.COMPLETED]),
+            str(counts[SagaStatus.ABORTED]),
+        )
+        owners = Table(title="partition ownership (newest claim on the log)", title_justify="left")
+        owners.add_column("manager")
+        owners.add_column("pid", justify="right")
+        owners.add_column("state")
+        owners.add_column("partitions")
+        claims = self.model.claims()
+        for m in self.managers:
+            owned = [
+                str(p) for p, c in sorted(claims.items()) if c.owner.rsplit("-", 1)[-1] == str(m.pid)
+            ]
+            state = "[green]alive[/]" if m.alive else "[red]killed[/]" if m.killed else "[red]exited[/]"
+            owners.add_row(m.name, str(m.pid), state, ", ".join(owned) or "-")
+        return Group(
+            header,
+            ProgressBar(total=s.sagas, completed=terminal, width=60),
+            f"{terminal}/{s.sagas} terminal",
+            states,
+            owners,
+        )
+
+    # -- the end -------------------------------------------------------------------------
+
+    def _finish(self) -> DemoReport:
+        s = self.settings
+        report = DemoReport(
+            settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+            bootstrap=self.bootstrap,
+            topic_prefix=self.topics.prefix,
+            work_dir=str(self.work_dir),
+            takeover=self.takeover,
+            processes=self.processes,
+        )
+        self.model.catch_up()
+        states = self.model.states([saga.saga_id for saga in self.plan])
+        alive = [m.name for m in self.managers if m.alive]
+        participants_alive = self.participants is not None and self.participants.alive
+        report.dead_letters = self._count_dead_letters()
+        # Stop the participants before reading their books: nothing may change underneath.
+        if not s.stay and self.participants is not None:
+            self.participants.stop()
+
+        outcomes: dict[str, Counter[str]] = {}
+        for saga in self.plan:
+            state = states.get(saga.saga_id)
+            outcomes.setdefault(saga.saga_type, Counter())[state.status.value if state else "MISSING"] += 1
+        report.outcomes = {k: dict(v) for k, v in outcomes.items()}
+        finished = [st for st in states.values() if st.status.terminal]
+        if finished:
+            report.duration_s = round(
+                (max(st.updated_ms for st in finished) - min(st.started_ms for st in states.values())) / 1000, 2
+            )
+            latencies = sorted(st.updated_ms - st.started_ms for st in finished)
+            report.latency_ms = {
+                "p50": latencies[len(latencies) // 2],
+                "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+                "max": latencies[-1],
+            }
+
+        checks = report.checks
+        missing = [saga.saga_id for saga in self.plan if saga.saga_id not in states]
+        not_terminal = [sid for sid, st in states.items() if not st.status.terminal]
+        checks.append(Check("no saga lost", not missing, f"{len(self.plan) - len(missing)}/{len(self.plan)} on the log"
+                            + (f"; missing: {', '.join(missing[:5])}" if missing else "")))
+        checks.append(Check("every saga terminal", not missing and not not_terminal,
+                            f"{len(finished)}/{len(self.plan)} completed or aborted"
+                            + (f"; not yet: {', '.join(sorted(not_terminal)[:5])}" if not_terminal else "")))
+        completed = {sid for sid, st in states.items() if st.status is SagaStatus.COMPLETED}
+        for participant in PARTICIPANTS:
+            checks.append(self._check_books(participant, completed))
+        t = self.takeover
+        if t.killed_at_s is not None:
+            checks.append(Check(
+                "takeover after SIGKILL",
+                t.claimed_after_s is not None,
+                f"{t.victim}'s partitions {t.partitions} claimed by others after {t.claimed_after_s:.1f} s"
+                if t.claimed_after_s is not None else f"{t.victim}'s partitions {t.partitions} were never claimed by another manager",
+            ))  # fmt: skip
+        checks.append(Check(
+            "managers still running",
+            len(alive) == len(self.managers) and not self.unexpected_exits,
+            f"{len(alive)}/{len(self.managers)} alive" + (f"; {'; '.join(self.unexpected_exits)}" if self.unexpected_exits else ""),
+        ))  # fmt: skip
+        checks.append(Check("participants still running", participants_alive, "alive" if participants_alive else "exited"))
+        return report
+
+    def _check_books(self, participant: str, completed: set[str]) -> Check:
+        """The participant's books: balanced, one hold per completed saga of the right size, nothing else."""
+        from participants.examples import db_path, inventory_report
+
+        saga_type = PARTICIPANTS[participant]
+        name = f"{participant} books consistent"
+        try:
+            books = inventory_report(db_path(self.work_dir / "db", participant))
+        except FileNotFoundError:
+            expected_any = any(saga.saga_type == saga_type and saga.saga_id in completed for saga in self.plan)
+            return Check(name, not expected_any, "no database (no command reached it)")
+        expected: dict[str, tuple[str, int]] = {}
+        for saga in self.plan:
+            effect = saga.effect(participant)
+            if saga.saga_id in completed and effect is not None:
+                expected[saga.saga_id] = effect
+        problems: list[str] = []
+        if not books.balanced:
+            problems.append("capacity - available != sum of holds")
+        extra = sorted(set(books.holds) - set(expected))
+        lacking = sorted(set(expected) - set(books.holds))
+        wrong = sorted(sid for sid in set(expected) & set(books.holds) if books.holds[sid] != expected[sid])
+        if extra:
+            problems.append(f"{len(extra)} holds of sagas that did not complete ({', '.join(extra[:3])})")
+        if lacking:
+            problems.append(f"{len(lacking)} completed sagas without a hold ({', '.join(lacking[:3])})")
+        if wrong:
+            problems.append(f"{len(wrong)} holds of the wrong size ({', '.join(wrong[:3])})")
+        taken: Counter[str] = Counter()
+        for item, quantity in expected.values():
+            taken[item] += quantity
+        for item, balance in books.items.items():
+            if balance.capacity - balance.available != taken[item]:
+                problems.append(
+                    f"{item}: {balance.capacity - balance.available} taken, completed sagas account for {taken[item]}"
+                )
+        unit = {"flights": "seats", "hotels": "rooms", "cars": "cars", "credit": "credit", "payments": "charged"}[participant]
+        detail = (
+            f"{len(books.holds)} holds = completed {saga_type} sagas; {sum(taken.values())} {unit} taken, "
+            f"aborted sagas left nothing"
+        )
+        return Check(name, not problems, "; ".join(problems) if problems else detail)
+
+    def _count_dead_letters(self) -> int | None:
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+        from sagalog.kafka import reader_config
+
+        consumer = Consumer(reader_config(self.bootstrap))
+        try:
+            meta = consumer.list_topics(timeout=5).topics.get(self.topics.dead_letters)
+            if meta is None:
+                return 0
+            total = 0
+            for p in meta.partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topics.dead_letters, p), timeout=5)
+                total += high - low
+            return total
+        except KafkaException:
+            return None
+        finally:
+            consumer.close()
+
+    def _stay(self) -> None:
+        self.console.print(
+            escape(
+                f"everything keeps running: query sagas with e.g. 'saga status {self.plan[0].saga_id} "
+                f"-b {self.bootstrap} --topic-prefix {self.topics.prefix}' or 'saga list -b {self.bootstrap} "
+                f"--topic-prefix {self.topics.prefix}'; Ctrl-C to stop"
+            )
+        )
+        with contextlib.suppress(Interrupted):
+            while True:
+                time.sleep(3600)  # until Ctrl-C / SIGTERM
+
+    def _cleanup(self, *, remove_work_dir: bool) -> None:
+        """Stop every process this demo started: participants, managers, then the broker.
+
+        The work directory (logs, databases) is removed only after a run that passed."""
+        for child in [*([self.participants] if self.participants else []), *self.managers]:
+            with contextlib.suppress(Exception):
+                child.stop()
+        if self.model is not None:
+            with contextlib.suppress(Exception):
+                self.model.close()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                self.broker.stop()
+        if remove_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def print_report(report: DemoReport, console: Console) -> None:
+    """The final report: outcomes, the takeover, the checks, and how to look further."""
+    console.print()
+    console.print("[bold]outcomes[/]")
+    total: Counter[str] = Counter()
+    for saga_type, counts in sorted(report.outcomes.items()):
+        total.update(counts)
+        console.print(f"  {saga_type:<12} " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    console.print(
+        f"  {'all':<12} " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(total.items()))
+        + f" in {report.duration_s:.1f} s"
+        + (
+            f"; start-to-end latency p50 {report.latency_ms['p50']} ms, p99 {report.latency_ms['p99']} ms"
+            if report.latency_ms else ""
+        )
+    )
+    t = report.takeover
+    if t.killed_at_s is not None:
+        console.print("[bold]takeover[/]")
+        console.print(
+            f"  SIGKILL {t.victim} (pid {t.victim_pid}) at {t.killed_at_s:.1f} s: partitions "
+            f"{', '.join(map(str, t.partitions)) or 'none'}, {t.in_flight} sagas in flight; "
+            f"{t.waited} more started on them before the takeover"
+        )
+        session_s = report.settings["session_timeout_ms"] / 1000
+        if t.claimed_after_s is not None:
+            owners = ", ".join(f"{p}->{o}" for p, o in sorted(t.new_owners.items()))
+            console.print(f"  claimed by the others after {t.claimed_after_s:.1f} s ({owners}); session timeout {session_s:g} s")
+        if t.progress_after_s is not None:
+            console.print(f"  its sagas progressing again after {t.progress_after_s:.1f} s (target: session timeout + 1 s = {session_s + 1:g} s)")
+        if t.restarted_at_s is not None:
+            back = (
+                f"; owns partitions {', '.join(map(str, t.rejoined_partitions))} again {t.rejoined_after_s:.1f} s later"
+                if t.rejoined_after_s is not None else "; got no partition back during the run"
+            )
+            console.print(f"  {t.victim} restarted at {t.restarted_at_s:.1f} s{back}")
+    if report.dead_letters:
+        console.print(f"[yellow]{report.dead_letters} message(s) in {report.topic_prefix}.dead-letters[/]")
+    console.print("[bold]checks[/]")
+    for check in report.checks:
+        mark = "[green]PASS[/]" if check.ok else "[red]FAIL[/]"
+        console.print(f"  {mark} {escape(check.name)}: {escape(check.detail)}")
+    console.print("[bold green]all checks passed[/]" if report.ok else "[bold red]some checks failed[/]")
+

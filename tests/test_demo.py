@@ -1,0 +1,85 @@
+"""``saga demo`` in a reduced size, as a real subprocess: it must pass its own checks and leave no
+process behind, also when interrupted with Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_demo_reduced_size_passes_its_checks(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sagalog.cli", "demo", "--sagas", "40", "--report-json", str(report_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Traceback" not in output
+    assert "all checks passed" in proc.stdout
+
+    report = json.loads(report_path.read_text())
+    assert report["ok"] is True
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert not failed, failed
+    names = {c["name"] for c in report["checks"]}
+    assert {"every saga terminal", "no saga lost", "takeover after SIGKILL", "managers still running"} <= names
+    assert {f"{p} books consistent" for p in ("flights", "hotels", "cars", "credit", "payments")} <= names
+    assert sum(n for counts in report["outcomes"].values() for n in counts.values()) == 40
+    assert set(report["outcomes"]) == {"book-trip", "place-order"}
+
+    takeover = report["takeover"]
+    assert takeover["partitions"] and takeover["claimed_after_s"] is not None
+    assert takeover["restarted_at_s"] is not None
+    assert len(report["processes"]["m1"]) >= 1 and report["processes"]["broker"]
+    for pids in report["processes"].values():
+        for pid in pids:
+            assert gone(pid), f"process {pid} outlived the demo"
+    assert not Path(report["work_dir"]).exists()  # a run that passed cleans up after itself
+
+
+def test_demo_ctrl_c_stops_everything_it_started(bootstrap: str, tmp_path: Path) -> None:
+    """Interrupted while the managers start: exit 130, no child left (uses the session's broker)."""
+    out = tmp_path / "out.txt"
+    with open(out, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sagalog.cli", "demo", "--sagas", "500", "--rate", "5",
+             "--bootstrap-servers", bootstrap, "--work-dir", str(tmp_path / "work")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        try:
+            # Interrupt mid-run: once the first progress line shows sagas going out.
+            wait_for(lambda: re.search(r"started \d+/500", out.read_text()), 90, "the demo to start sagas")
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = out.read_text()
+    assert code == 130, text[-3000:]
+    assert "interrupted by SIGINT" in text and "Traceback" not in text
+    pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
+    assert len(pids) >= 4  # 3 managers and the participants
+    assert all(gone(pid) for pid in pids), [pid for pid in pids if not gone(pid)]
