@@ -148,8 +148,19 @@ def _to_avro(record: Frozen) -> dict[str, Any]:
     return record.__dict__
 
 
+#: Pinned definitions seen in snapshots, so that every live saga of a type shares one string
+#: (a definition is ~1 KB of JSON; a manager holds one snapshot per live saga).
+_DEFINITIONS: dict[str, str] = {}
+
+
 def _from_avro(model: type[Frozen], datum: dict[str, Any]) -> Frozen:
     if model is SagaLogRecord:
         name, event = datum["event"]
         datum["event"] = EVENT_TYPES[name].model_validate(event)
+        snapshot = datum["snapshot"]
+        definition = snapshot["definition"]
+        shared = _DEFINITIONS.get(definition)
+        if shared is None and len(_DEFINITIONS) < 10_000:
+            _DEFINITIONS[definition] = shared = definition
+        snapshot["definition"] = shared or definition
     return model.model_validate(datum)
