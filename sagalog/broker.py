@@ -89,7 +89,7 @@ def _resolve_binary() -> str:
         raise BrokerError(f"embedded broker binary not found: {err}") from err
 
 
-def _die_with_parent_hook() -> object | None:
+def die_with_parent_hook() -> object | None:
     """A preexec hook that makes the broker die with the process that started it (Linux only).
 
     Without it a test session or ``saga broker`` that is killed with SIGKILL leaves a broker
@@ -237,7 +237,7 @@ class EmbeddedBroker:
                 # Own session: Ctrl-C in a terminal reaches our process, which stops the broker
                 # in order, instead of killing it underneath running clients.
                 start_new_session=True,
-                preexec_fn=_die_with_parent_hook(),  # type: ignore[arg-type]
+                preexec_fn=die_with_parent_hook(),  # type: ignore[arg-type]
             )
         except OSError as err:
             self._close_log()

@@ -154,9 +154,9 @@ def plan_sagas(count: int, seed: int) -> list[PlannedSaga]:
 
 def _die_with_parent() -> Callable[[], None] | None:
     """Children die with the demo even if it is SIGKILLed (the broker's hook, reused)."""
-    from sagalog.broker import _die_with_parent_hook
+    from sagalog.broker import die_with_parent_hook
 
-    return _die_with_parent_hook()  # type: ignore[return-value]
+    return die_with_parent_hook()  # type: ignore[return-value]
 
 
 @dataclass(eq=False)  # identity: a process is itself, not its fields
@@ -243,6 +243,7 @@ class Takeover:
     waited: int = 0
     claimed_after_s: float | None = None
     progress_after_s: float | None = None
+    nothing_to_resume: bool = False  # its partitions held no unfinished saga once taken over
     new_owners: dict[int, str] = field(default_factory=dict)
     restarted_at_s: float | None = None
     rejoined_after_s: float | None = None
@@ -308,6 +309,7 @@ class Demo:
         self.takeover = Takeover()
         self.unexpected_exits: list[str] = []
         self.model: Any = None
+        self._admin: Any = None
         self.processes: dict[str, list[int]] = {}
         self._last_print = 0.0
 
@@ -337,7 +339,8 @@ class Demo:
 
     # -- phases --------------------------------------------------------------------------
 
-    def run(self) -> DemoReport:
+    def run(self, on_report: Callable[[DemoReport], None] | None = None) -> DemoReport:
+        """Run the demo; ``on_report`` sees the report before ``--stay`` keeps things running."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         passed = False
         try:
@@ -346,6 +349,8 @@ class Demo:
             self._drive()
             report = self._finish()
             passed = report.ok
+            if on_report is not None:
+                on_report(report)
             if self.settings.stay:
                 self._stay()
             return report
@@ -431,11 +436,12 @@ class Demo:
     def _participants_joined(self) -> bool:
         """Every participant's consumer group is stable (it has joined and has its partitions)."""
         from confluent_kafka import KafkaException
-        from confluent_kafka.admin import AdminClient
 
-        from sagalog.topics import quiet_client
+        from sagalog.kafka import admin_client
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, **quiet_client()})
+        if self._admin is None:
+            self._admin = admin_client(self.bootstrap)
+        admin = self._admin
         groups = [f"{self.topics.prefix}.participant.{name}" for name in PARTICIPANTS]
         try:
             futures = admin.describe_consumer_groups(groups, request_timeout=5)
@@ -500,7 +506,7 @@ class Demo:
                     if self.takeover.killed_at_s is None and self.started >= kill_at:
                         self._kill_busiest()
                     self._follow_takeover()
-                    counts = self.model.counts_by_status()
+                    counts = self._counts()
                     if live is not None:
                         live.update(self._render(counts))
                     elif now - self._last_print >= 2.0:
@@ -514,21 +520,43 @@ class Demo:
                         break
                 time.sleep(self.TICK_S)  # the pace of the start rate and the display
         producer.flush(10)
-        self.event(f"all sagas terminal: {self._summary_line(self.model.counts_by_status())}")
+        counts = self._counts()
+        done = counts[SagaStatus.COMPLETED] + counts[SagaStatus.ABORTED] == s.sagas
+        self.event(f"{'all sagas terminal' if done else 'stopped waiting'}: {self._summary_line(counts)}")
+
+    def _unfinished_on(self, partition: int) -> bool:
+        """Does any saga of this run on ``partition`` still have work: unfinished, or not begun yet?"""
+        from sagalog.readmodel import partition_for
+
+        mine = [sid for sid in self.sent_ms if partition_for(sid.encode(), self.settings.partitions) == partition]
+        statuses = self.model.statuses(mine)
+        return any(sid not in statuses or not statuses[sid].terminal for sid in mine)
+
+    def _counts(self) -> dict[SagaStatus, int]:
+        """This run's sagas by status (other sagas under the same prefix do not count)."""
+        counts = dict.fromkeys(SagaStatus, 0)
+        for status in self.model.statuses(self.sent_ms).values():
+            counts[status] += 1
+        return counts
 
     def _takeover_settled(self) -> bool:
         """The kill/takeover/restart story is told: nothing killed, or the restarted manager is back
-        at work (or has had 20 s to get there), or the takeover never happened (reported as failed)."""
+        at work (or has had 20 s to get there), or a minute passed without a takeover (a failed check)."""
         t = self.takeover
-        if t.killed_at_s is None or t.claimed_after_s is None:
+        if t.killed_at_s is None:
             return True
+        if t.claimed_after_s is None:
+            return self.elapsed() - t.killed_at_s > 60  # never taken over: the check reports it
         if t.restarted_at_s is None:
             return False
         return t.rejoined_after_s is not None or self.elapsed() - t.restarted_at_s > 20
 
     def _kill_busiest(self) -> None:
+        self.model.catch_up()  # who owns what, and what is in flight, as of now
         claims = self.model.claims()
         by_manager: dict[Child, list[int]] = {m: [] for m in self.managers if m.alive}
+        if not by_manager:
+            raise SagaError(f"no manager is alive to be killed; logs in {self.work_dir}")
         pids = {str(m.pid): m for m in by_manager}
         for p, claim in claims.items():
             child = pids.get(claim.owner.rsplit("-", 1)[-1])
@@ -586,15 +614,21 @@ class Demo:
                     f"{', '.join(sorted(set(t.new_owners.values())))}, {t.claimed_after_s:.1f} s after the kill "
                     f"({t.waited} sagas were started on them meanwhile and waited)"
                 )
-        if t.claimed_after_s is not None and t.progress_after_s is None:
-            firsts = [
-                self.model.first_record_ms(p, after_epoch=self._epochs_at_kill[p], since_ms=self._kill_wall_ms)
-                for p in t.partitions
-            ]
-            if all(f is not None for f in firsts):
-                t.progress_after_s = max(f for f in firsts if f is not None) / 1000 - self._kill_wall_ms / 1000
+        if t.claimed_after_s is not None and t.progress_after_s is None and not t.nothing_to_resume:
+            firsts: list[int] = []
+            for p in t.partitions:
+                first = self.model.first_record_ms(p, after_epoch=self._epochs_at_kill[p], since_ms=self._kill_wall_ms)
+                if first is not None:
+                    firsts.append(first)
+                elif self._unfinished_on(p):
+                    return  # sagas there still wait for their new owner
+            if firsts:
+                t.progress_after_s = (max(firsts) - self._kill_wall_ms) / 1000
                 self.event(f"sagas on them progressing again {t.progress_after_s:.1f} s after the kill")
-        settled = t.progress_after_s is not None or (
+            else:
+                t.nothing_to_resume = True
+                self.event("no saga was left on them to resume")
+        settled = t.progress_after_s is not None or t.nothing_to_resume or (
             t.claimed_after_s is not None and self.elapsed() - t.killed_at_s > 20
         )
         if settled:
@@ -635,7 +669,7 @@ class Demo:
             str(counts[SagaStatus.COMPLETED]),
             str(counts[SagaStatus.ABORTED]),
         )
-        owners = Table(title="partition ownership (newest claim on the log)", title_justify="left")
+        owners = Table(title="who owns which partition (claims on the log)", title_justify="left", min_width=50)
         owners.add_column("manager")
         owners.add_column("pid", justify="right")
         owners.add_column("state")
@@ -645,8 +679,12 @@ class Demo:
             owned = [
                 str(p) for p, c in sorted(claims.items()) if c.owner.rsplit("-", 1)[-1] == str(m.pid)
             ]
-            state = "[green]alive[/]" if m.alive else "[red]killed[/]" if m.killed else "[red]exited[/]"
-            owners.add_row(m.name, str(m.pid), state, ", ".join(owned) or "-")
+            if m.alive:
+                owners.add_row(m.name, str(m.pid), "[green]alive[/]", ", ".join(owned) or "-")
+            else:
+                state = "[red]killed[/]" if m.killed else "[red]exited[/]"
+                orphaned = f"[red]{', '.join(owned)} (nobody's until taken over)[/]" if owned else "-"
+                owners.add_row(m.name, str(m.pid), state, orphaned)
         return Group(
             header,
             ProgressBar(total=s.sagas, completed=terminal, width=60),
@@ -785,15 +823,12 @@ class Demo:
 
     def _stay(self) -> None:
         self.console.print(
-            escape(
-                f"everything keeps running: query sagas with e.g. 'saga status {self.plan[0].saga_id} "
-                f"-b {self.bootstrap} --topic-prefix {self.topics.prefix}' or 'saga list -b {self.bootstrap} "
-                f"--topic-prefix {self.topics.prefix}'; Ctrl-C to stop"
-            )
+            f"everything keeps running; query any saga meanwhile:\n{escape(query_hints(self.bootstrap, self.topics.prefix, self.plan))}"
+            "\nCtrl-C stops it all"
         )
         with contextlib.suppress(Interrupted):
             while True:
-                time.sleep(3600)  # until Ctrl-C / SIGTERM
+                signal.pause()  # until Ctrl-C / SIGTERM (the handler raises Interrupted)
 
     def _cleanup(self, *, remove_work_dir: bool) -> None:
         """Stop every process this demo started: participants, managers, then the broker.
@@ -810,6 +845,18 @@ class Demo:
                 self.broker.stop()
         if remove_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def query_hints(bootstrap: str, prefix: str, plan: list[PlannedSaga]) -> str:
+    """Commands that look at this run's sagas (while its broker runs)."""
+    where = f"-b {bootstrap}" + ("" if prefix == "saga" else f" --topic-prefix {prefix}")
+    return "\n".join(
+        (
+            f"  saga list {where} --status ABORTED",
+            f"  saga status {plan[0].saga_id} {where}",
+            f"  saga history {plan[-1].saga_id} {where}",
+        )
+    )
 
 
 def print_report(report: DemoReport, console: Console) -> None:
@@ -842,6 +889,8 @@ def print_report(report: DemoReport, console: Console) -> None:
             console.print(f"  claimed by the others after {t.claimed_after_s:.1f} s ({owners}); session timeout {session_s:g} s")
         if t.progress_after_s is not None:
             console.print(f"  its sagas progressing again after {t.progress_after_s:.1f} s (target: session timeout + 1 s = {session_s + 1:g} s)")
+        elif t.nothing_to_resume:
+            console.print("  no saga was left on its partitions to resume")
         if t.restarted_at_s is not None:
             back = (
                 f"; owns partitions {', '.join(map(str, t.rejoined_partitions))} again {t.rejoined_after_s:.1f} s later"

@@ -16,6 +16,10 @@ from confluent_kafka.admin import AdminClient
 from sagalog.errors import BrokerError, BrokerUnavailable, Fenced
 
 _RDKAFKA_LOG = logging.getLogger("saga.rdkafka")
+# Without a handler, Python's last-resort handler would print every librdkafka warning to stderr
+# (a CLI talking to a down broker: ~100 lines over its one-line error). Processes that configure
+# logging (managers, participants) still see them through the root logger.
+_RDKAFKA_LOG.addHandler(logging.NullHandler())
 
 #: Client settings passed through from the CLI (``-X key=value``) for SASL/TLS clusters.
 ClientOverrides = Mapping[str, Any]
@@ -111,6 +115,9 @@ def consumer_config(
             "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": max(100, session_timeout_ms // 6),
             "enable.partition.eof": False,
+            # Topics created after the consumer subscribed (e.g. a participant started before
+            # 'saga topics create') are found within seconds, not librdkafka's default 5 minutes.
+            "topic.metadata.refresh.interval.ms": 5000,
             # Deliver up to this many per poll; keep fetches small enough for low latency.
             "fetch.wait.max.ms": 10,
         }

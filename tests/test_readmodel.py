@@ -193,8 +193,8 @@ def test_catch_up_is_incremental(log: Log, model_for) -> None:
     model.close()
     reopened = model_for(log.topics)
     assert reopened.catch_up().records == 0
-    assert [s.saga_id for s in reopened.list(catch_up=False, status=SagaStatus.RUNNING)] == ["s-2", "s-3"] or {
-        s.saga_id for s in reopened.list(catch_up=False, status=SagaStatus.RUNNING)
+    assert [s.saga_id for s in reopened.list_sagas(catch_up=False, status=SagaStatus.RUNNING)] == ["s-2", "s-3"] or {
+        s.saga_id for s in reopened.list_sagas(catch_up=False, status=SagaStatus.RUNNING)
     } == {"s-2", "s-3"}
 
 
@@ -276,7 +276,7 @@ def test_tombstone_removes_the_saga(log: Log, model_for) -> None:
         model.get("gone")
     with pytest.raises(SagaRemoved):
         model.history("gone", catch_up=False)
-    assert [s.saga_id for s in model.list()] == ["kept"]
+    assert [s.saga_id for s in model.list_sagas()] == ["kept"]
 
     # The same id may begin again after its tombstone (a new saga).
     log.append(running("gone"))
@@ -330,3 +330,14 @@ def test_missing_log_topic_is_a_clear_error(bootstrap: str, model_for) -> None:
     model = model_for(Topics(prefix=f"never-created-{os.urandom(3).hex()}"))
     with pytest.raises(ConfigError, match="does not exist"):
         model.catch_up()
+
+
+def test_an_unreadable_model_file_is_rebuilt(tmp_path: Path) -> None:
+    """It is a cache: a corrupt file (or one of another layout) is replaced, not an error."""
+    from sagalog.readmodel import model_path
+
+    path = model_path(tmp_path, "host:1", "saga")
+    path.write_bytes(b"this is not a SQLite database" * 100)
+    with ReadModel("host:1", Topics(prefix="saga"), state_dir=tmp_path) as model:
+        assert model.count() == 0
+    assert path.read_bytes().startswith(b"SQLite format 3")

@@ -11,8 +11,54 @@ from sagalog.config import default_bootstrap
 from sagalog.errors import SagaError
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (what is wrong, where the help is), not usage + hint + error."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "saga"
+        click.secho(f"error: {self.format_message()} (see '{command} --help')", fg="red", err=True)
+
+
+def _one_line(err: click.UsageError) -> OneLineUsageError:
+    if isinstance(err, OneLineUsageError):
+        return err
+    return OneLineUsageError(err.format_message(), err.ctx)
+
+
+class OneLineCommand(click.Command):
+    """A command whose invalid flags and arguments produce one line on stderr and exit code 2,
+    whether click finds them while parsing or the command does while checking combinations."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            raise _one_line(err) from err
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            raise _one_line(err) from err
+
+
 def main_group() -> type[click.Group]:
     class SagaGroup(click.Group):
+        command_class = OneLineCommand
+        group_class = type  # sub-groups (saga topics, saga participant) are SagaGroups too
+
+        def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+            try:
+                return super().make_context(info_name, args, parent=parent, **extra)
+            except click.UsageError as err:
+                raise _one_line(err) from err
+
+        def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+            try:
+                return super().resolve_command(ctx, args)
+            except click.UsageError as err:
+                raise _one_line(err) from err
+
         def invoke(self, ctx: click.Context) -> Any:
             try:
                 return super().invoke(ctx)

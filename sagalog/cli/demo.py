@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from sagalog.cli import cli
+from sagalog.cli.query import QueryCommand
 
 
-@cli.command("demo")
+@cli.command("demo", cls=QueryCommand)
 @click.option("--sagas", type=click.IntRange(min=1), default=300, show_default=True, help="How many sagas to run.")
 @click.option("--replicas", type=click.IntRange(min=2), default=3, show_default=True, help="Manager processes.")
 @click.option(
@@ -84,8 +85,9 @@ def demo_command(
     alive), 1 otherwise, 130 on Ctrl-C. Everything it started is stopped on the way out.
     """
     from rich.console import Console
+    from rich.markup import escape
 
-    from sagalog.demo import Demo, DemoSettings, Interrupted, print_report
+    from sagalog.demo import Demo, DemoReport, DemoSettings, Interrupted, print_report, query_hints
 
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -107,16 +109,20 @@ def demo_command(
         stay=stay,
     )
     demo = Demo(settings, console)
+
+    def on_report(report: DemoReport) -> None:
+        print_report(report, console)
+        if report_json is not None:
+            report_json.write_text(json.dumps(report.to_json(), indent=2, default=str))
+        if bootstrap_servers is not None and not stay:  # the broker outlives the demo: sagas stay queryable
+            console.print(f"look at any saga:\n{escape(query_hints(report.bootstrap, report.topic_prefix, demo.plan))}")
+        if not report.ok or keep or work_dir is not None:
+            console.print(f"logs, participant databases and the read model: {escape(report.work_dir)}")
+
     try:
-        report = demo.run()
+        report = demo.run(on_report)
     except Interrupted as err:
         click.secho(f"error: {err} (logs in {demo.work_dir})", fg="red", err=True)
         sys.exit(130)
-    print_report(report, console)
-    if report_json is not None:
-        report_json.write_text(json.dumps(report.to_json(), indent=2, default=str))
-    if keep or work_dir is not None:
-        console.print(f"logs, participant databases and the read model: {report.work_dir}", highlight=False)
     if not report.ok:
-        console.print(f"logs and databases kept in {report.work_dir}", highlight=False)
         sys.exit(1)

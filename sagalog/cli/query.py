@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sagalog.cli import cli
-from sagalog.cli.common import bootstrap_option, prefix_option
+from sagalog.cli.common import OneLineCommand, bootstrap_option, prefix_option
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -52,37 +52,7 @@ _STEP_STYLE = {
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _OneLineUsageError(click.UsageError):
-    """A usage error shown as one line (what is wrong, where the help is), not usage + hint + error."""
-
-    def show(self, file: Any = None) -> None:
-        command = self.ctx.command_path if self.ctx is not None else "saga"
-        click.secho(f"error: {self.format_message()} (see '{command} --help')", fg="red", err=True)
-
-
-class QueryCommand(click.Command):
-    """A command whose invalid flags and arguments produce one line on stderr and exit code 2,
-    whether click finds them while parsing or the command does while checking combinations."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as err:
-            raise _one_line(err) from err
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as err:
-            raise _one_line(err) from err
-
-
-def _one_line(err: click.UsageError) -> _OneLineUsageError:
-    if isinstance(err, _OneLineUsageError):
-        return err
-    one_line = _OneLineUsageError(err.format_message(), err.ctx)
-    one_line.exit_code = err.exit_code
-    return one_line
+QueryCommand = OneLineCommand  # every command of the group is one now; kept for the decorators below
 
 
 def _common_options(func: F) -> F:
@@ -319,7 +289,7 @@ def _send_start(model: ReadModel, saga_id: str, saga_type: str, payload: str) ->
 
 
 def _produce(model: ReadModel, saga_id: str, value: bytes, what: str) -> int:
-    from confluent_kafka import KafkaException, Producer
+    from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
     from sagalog.errors import BrokerUnavailable, ConfigError
     from sagalog.kafka import producer_config, translate
@@ -329,14 +299,14 @@ def _produce(model: ReadModel, saga_id: str, value: bytes, what: str) -> int:
             f"topic {model.topics.inbox} does not exist at {model.bootstrap}; start a manager ('saga manager') "
             f"or create the topics ('saga topics create')"
         )
-    delivered: list[Any] = []
+    delivered: list[tuple[KafkaError | None, Message]] = []
     producer = Producer(producer_config(model.bootstrap, overrides=model.overrides))
     try:
         producer.produce(
             model.topics.inbox,
             value,
             key=saga_id.encode(),
-            on_delivery=lambda err, msg: delivered.append(err if err is not None else msg),
+            on_delivery=lambda err, msg: delivered.append((err, msg)),
         )
         remaining = producer.flush(model.timeout_s)
     except KafkaException as err:
@@ -346,10 +316,10 @@ def _produce(model: ReadModel, saga_id: str, value: bytes, what: str) -> int:
             f"the {what} for saga {saga_id} was not acknowledged by {model.bootstrap} within {model.timeout_s:g}s; "
             f"check the broker and try again (it may still arrive: check with 'saga status {saga_id}')"
         )
-    outcome = delivered[0]
-    if not hasattr(outcome, "partition"):
-        raise translate(outcome, f"sending the {what} to {model.topics.inbox}")
-    return int(outcome.partition())
+    error, message = delivered[0]
+    if error is not None:
+        raise translate(error, f"sending the {what} to {model.topics.inbox}")
+    return int(message.partition() or 0)
 
 
 def _report_outcome(
@@ -617,7 +587,7 @@ def list_command(
 
     wanted = SagaStatus(status.upper()) if status else None
     with _read_model(bootstrap_servers, topic_prefix, state_dir, client_settings) as model:
-        sagas = model.list(status=wanted, saga_type=saga_type, limit=limit or None)
+        sagas = model.list_sagas(status=wanted, saga_type=saga_type, limit=limit or None)
         matching = model.count(status=wanted, saga_type=saga_type)
         counts = model.counts_by_status()
     if as_json:
