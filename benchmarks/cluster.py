@@ -155,6 +155,7 @@ class Deployment:
     partitions: int
     session_timeout_ms: int
     participants: tuple[str, ...] = ("noop",)
+    manager_log_level: str = "WARNING"
     managers: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
 
@@ -177,7 +178,7 @@ class Deployment:
                 "--definitions", str(self.definitions),
                 "--partitions", str(self.partitions),
                 "--session-timeout-ms", str(self.session_timeout_ms),
-                "--log-level", "WARNING",
+                "--log-level", self.manager_log_level,
             ],
         )
         self.managers.append(child)

@@ -42,11 +42,13 @@ class BenchConfig:
     ceiling_messages: int = 1_000_000
     ceiling_message_bytes: int = 200
     # 2. throughput: a closed-loop probe (a fixed number of sagas in flight) estimates capacity,
-    #    then the open-loop generator offers overload_factor times that for saturation_seconds
-    probe_seconds: float = 10.0
+    #    then open-loop steps of saturation_seconds from 0.8x the probe, x saturation_step each,
+    #    until one is not sustained
+    probe_seconds: float = 8.0
     probe_in_flight: int = 500
-    overload_factor: float = 1.1
-    saturation_seconds: float = 20.0
+    saturation_seconds: float = 10.0
+    saturation_step: float = 1.15
+    saturation_steps: int = 6
     replicas: tuple[int, ...] = (1, 2)
     # 3. latency: offered loads (sagas/s), seconds per load
     latency_rates: tuple[int, ...] = (100, 500, 1000)
@@ -81,10 +83,11 @@ class BenchConfig:
             quick=True,
             session_timeout_ms=3000,
             ceiling_messages=200_000,
-            probe_seconds=4.0,
-            saturation_seconds=6.0,
+            probe_seconds=3.0,
+            saturation_seconds=3.5,
+            saturation_steps=3,
             latency_rates=(100, 500, 1000),
-            latency_seconds=4.0,
+            latency_seconds=3.0,
             replay_records=10_000,
             recovery_rate=150,
             recovery_session_timeout_ms=3000,
@@ -94,7 +97,7 @@ class BenchConfig:
             query_samples=40,
             query_cli_samples=3,
             warmup_sagas=20,
-            drain_timeout_s=10.0,
+            drain_timeout_s=6.0,
             profile_seconds=8.0,
         )
         return replace(quick, **overrides)  # type: ignore[arg-type]
@@ -116,7 +119,6 @@ class BenchConfig:
             probe_seconds=s(self.probe_seconds, 1.5),
             probe_in_flight=n(self.probe_in_flight, 50),
             saturation_seconds=s(self.saturation_seconds, 2.0),
-            latency_rates=tuple(max(20, int(r * factor)) for r in self.latency_rates),
             latency_seconds=s(self.latency_seconds, 1.5),
             replay_records=n(self.replay_records, 500),
             recovery_rate=n(self.recovery_rate, 40),

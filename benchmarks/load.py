@@ -233,3 +233,92 @@ class LogTailer:
     def done(self, ids: Sequence[bytes]) -> int:
         ended = self.ended
         return sum(1 for k in ids if k in ended)
+
+
+class HopTracer:
+    """Follows the log, the inbox and the command topic for a few traced sagas, to split their
+    latency into hops (all times are the same machine's wall clock, in ms):
+
+    * ``start_to_begun``: the generator's produce -> the manager's SagaBegun decision;
+    * ``decision_to_command``: a StepBegun decision -> its command produced (the command's
+      CreateTime: the manager reaches that partition's transaction);
+    * ``command_to_reply``: command produced -> the participant's reply (``replied_ms``): commit,
+      visibility to read_committed consumers, the participant's fetch and handling;
+    * ``reply_to_decision``: reply -> the manager's StepEnded decision: relay, inbox fetch, loop.
+    """
+
+    def __init__(self, bootstrap: str, topics: Topics, partitions: int, participant: str, codec: Codec) -> None:
+        self.codec = codec
+        self.traced: set[bytes] = set()
+        self.log: dict[tuple[bytes, int], int] = {}  # (saga, seq) -> timestamp_ms
+        self.commands: dict[tuple[bytes, str], int] = {}  # (saga, step) -> CreateTime
+        self.replies: dict[tuple[bytes, str], int] = {}  # (saga, step) -> replied_ms
+        self._stop = threading.Event()
+        self.consumer = Consumer(
+            reader_config(
+                bootstrap,
+                overrides={"group.id": f"bench-tracer-{uuid.uuid4().hex[:8]}", "enable.partition.eof": False, "fetch.wait.max.ms": 50},
+            )
+        )
+        self.consumer.assign(
+            [
+                TopicPartition(topic, p, OFFSET_BEGINNING)
+                for topic in (topics.log, topics.inbox, topics.commands(participant))
+                for p in range(partitions)
+            ]
+        )
+        self.log_topic, self.inbox = topics.log, topics.inbox
+        self.thread = threading.Thread(target=self._run, name="bench-hop-tracer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from sagalog.records import ParticipantCommand, ParticipantReply
+
+        while not self._stop.is_set():
+            for msg in self.consumer.consume(5000, 0.1):
+                if msg.error() is not None or msg.key() not in self.traced or msg.value() is None:
+                    continue
+                try:
+                    item = self.codec.decode(msg.value())
+                except DecodeError:
+                    continue
+                key = msg.key()
+                if isinstance(item, SagaLogRecord):
+                    self.log[(key, item.seq)] = item.timestamp_ms
+                elif isinstance(item, ParticipantReply):
+                    self.replies[(key, item.step)] = item.replied_ms
+                elif isinstance(item, ParticipantCommand):
+                    self.commands[(key, item.step)] = msg.timestamp()[1]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        with contextlib.suppress(Exception):
+            self.consumer.close()
+
+    def breakdown(self, sent: dict[bytes, float], steps: list[str]) -> dict[str, float | int]:
+        """Median of each hop over the traced sagas that completed (per step for the step hops)."""
+        from benchmarks.common import percentile
+
+        hops: dict[str, list[float]] = {"start_to_begun": [], "decision_to_command": [], "command_to_reply": [], "reply_to_decision": []}
+        complete = 0
+        for key in self.traced:
+            try:
+                row = {"start_to_begun": [self.log[(key, 1)] - sent[key]]}
+                row["decision_to_command"], row["command_to_reply"], row["reply_to_decision"] = [], [], []
+                for i, step in enumerate(steps):
+                    decided = self.log[(key, 2 + 2 * i)]  # StepBegun of step i (seq 2, 4, 6)
+                    command = self.commands[(key, step)]
+                    reply = self.replies[(key, step)]
+                    row["decision_to_command"].append(command - decided)
+                    row["command_to_reply"].append(reply - command)
+                    row["reply_to_decision"].append(self.log[(key, 3 + 2 * i)] - reply)  # StepEnded of step i
+            except KeyError:
+                continue
+            complete += 1
+            for hop, values in row.items():
+                hops[hop].extend(values)
+        out: dict[str, float | int] = {"traced_sagas": complete}
+        for hop, values in hops.items():
+            out[f"{hop}_p50_ms"] = round(percentile(sorted(values), 50), 1)
+        return out

@@ -26,7 +26,9 @@ from benchmarks.sagas import Rig
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config
     session = cfg.recovery_session_timeout_ms
-    with Rig(ctx, "recovery", managers=3, participants=cfg.participant_processes, session_timeout_ms=session) as rig:
+    # INFO: the managers' takeovers, with their timings, go to the logs (a few lines each)
+    rig = Rig(ctx, "recovery", managers=3, participants=cfg.participant_processes, session_timeout_ms=session, manager_log_level="INFO")
+    with rig:
         rig.warm(cfg.warmup_sagas)
         rate = cfg.recovery_rate
         budget_s = session / 1000 + 40

@@ -7,17 +7,20 @@ partition owned by one of its managers and a few warm-up sagas have completed.
 
 Throughput (per replica count):
 
-1. a closed-loop probe keeps ``probe_in_flight`` sagas in flight for ``probe_seconds``: the
-   completion rate is an estimate of capacity that builds no backlog;
-2. the open-loop generator then offers ``overload_factor`` (1.1) times that rate for
-   ``saturation_seconds``; throughput = sagas whose ``SagaEnded`` falls in the steady window (the
-   last 70 % of the run) per second. Far more overload than that would measure something else:
-   starts and replies share the inbox, so a deep backlog of starts delays every reply behind it,
-   step timeouts fire and retries multiply the work. ``saturated`` says whether the completions
-   fell short of the offer (if not, capacity is at least the figure).
+1. a closed-loop probe keeps ``probe_in_flight`` sagas in flight for ``probe_seconds``: its
+   completion rate is a first estimate of capacity that builds no backlog;
+2. the open-loop generator then offers 0.8 times that, and ``saturation_step`` (1.15) times more
+   at each step of ``saturation_seconds``, until a step is not sustained (its completions fall
+   below 95 % of the offer, or not all of its sagas end). A step's rate is the sagas whose
+   ``SagaEnded`` falls in its steady window (the last 70 % of the step) per second; the figure is
+   the highest of any step, i.e. the saturation point. Offering far more than that measures
+   something else: starts and replies share the inbox, so a deep backlog of starts delays every
+   reply behind it (completions collapse until the offer stops, then arrive in a burst) and step
+   timeouts fire. ``saturated`` says whether the last step exceeded capacity (if not, capacity is
+   at least the figure).
 
-Latency: offered loads in increasing order, each for ``latency_seconds``; once a load is not
-sustained (not every saga ended, or completions fell below 95 % of the offer), higher loads are
+Latency: offered loads in increasing order on a fresh 1-manager deployment, each for
+``latency_seconds``; once a load is not sustained (not every saga ended, or completions fell below 95 % of the offer), higher loads are
 reported as skipped.
 """
 
@@ -33,7 +36,7 @@ from typing import Any
 from benchmarks import profile as profiling
 from benchmarks.cluster import Child, Deployment, wait_until
 from benchmarks.common import Context, CpuMeter, messages_per_saga, summary
-from benchmarks.load import Generator, LogTailer, Sent, now_ms, saga_ids
+from benchmarks.load import Generator, HopTracer, LogTailer, Sent, now_ms, saga_ids
 from benchmarks.wire import StartEncoder
 from participants.examples import EXAMPLE_DEFINITIONS_DIR
 from sagalog.definition import DefinitionSet, SagaDefinition
@@ -59,6 +62,7 @@ class Rig:
         definitions: Path = BENCH_DEFINITIONS,
         participant_names: tuple[str, ...] = ("noop",),
         session_timeout_ms: int | None = None,
+        manager_log_level: str = "WARNING",
     ) -> None:
         self.ctx = ctx
         self.definition = bench_definition(definitions)
@@ -70,6 +74,7 @@ class Rig:
             ctx.config.partitions,
             session_timeout_ms or ctx.config.session_timeout_ms,
             participants=participant_names,
+            manager_log_level=manager_log_level,
         )
         self.n_managers = managers
         self.n_participants = participants
@@ -154,6 +159,12 @@ class Rig:
             time.sleep(0.05)  # polling the tailer's results
             remaining = [k for k in remaining if k not in ended]
         return True
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Until every saga this rig started has ended (False if some are still running at the timeout)."""
+        pending = [k for k in self.gen.sent if k not in self.tail.ended]
+        self.ctx.progress.status(f"{self.deployment.prefix}: waiting for {len(pending):,} sagas still running")
+        return self.wait_done(pending, timeout_s, "sagas still running", strict=False)
 
     def meter(self) -> CpuMeter:
         d = self.deployment
@@ -241,14 +252,50 @@ class Rig:
 # --- throughput ------------------------------------------------------------------------------
 
 
-def measure_throughput(ctx: Context, rig: Rig, replicas: int, profile: bool = False) -> dict[str, Any]:
+def measure_throughput(ctx: Context, rig: Rig, replicas: int) -> dict[str, Any]:
+    """A closed-loop probe, then open-loop steps from 0.8x the probe up by ``saturation_step`` each,
+    until a step is not sustained; the figure is the highest completion rate of any step."""
     cfg = ctx.config
     label = f"throughput, {replicas} manager(s)"
     probe = rig.closed_loop(f"p{replicas}", cfg.probe_in_flight, cfg.probe_seconds, label)
     ctx.progress.note(f"{label}: closed-loop probe {probe['sagas_per_s']:,.0f} sagas/s")
-    rate = max(20.0, probe["sagas_per_s"] * cfg.overload_factor)
+    rate = max(20.0, probe["sagas_per_s"] * 0.8)
+    steps: list[dict[str, Any]] = []
+    for k in range(max(1, cfg.saturation_steps)):
+        run = _open_loop(ctx, rig, f"t{replicas}s{k}", rate, f"{label}, step {k + 1}")
+        steps.append(run)
+        if not run["sustained"]:
+            break
+        rate *= cfg.saturation_step
+    best = max(steps, key=lambda a: a["sagas_per_s"])
+    result: dict[str, Any] = {
+        "replicas": replicas,
+        "participant_processes": rig.n_participants,
+        "partitions": cfg.partitions,
+        "probe": probe,
+        **best,
+        "saturated": not steps[-1]["sustained"],
+        "steps": [
+            {k: a[k] for k in ("offered_per_s", "sagas_per_s", "sustained", "completed", "sent", "step_retries")}
+            | {"p50_ms": a["latency"].get("p50_ms"), "p99_ms": a["latency"].get("p99_ms")}
+            for a in steps
+        ],
+    }
+    ceiling = ctx.ceiling.get("produce_msgs_per_s")
+    if ceiling:
+        result["broker_produce_share"] = round(result["sagas_per_s"] * messages_per_saga(len(rig.definition.steps)) / ceiling, 3)
+    ctx.progress.note(
+        f"{label}: {result['sagas_per_s']:,.0f} sagas/s (offered {result['offered_per_s']:,.0f}; "
+        f"{'saturated at ' + format(steps[-1]['offered_per_s'], ',.0f') + '/s' if result['saturated'] else 'NOT saturated: capacity is higher'}); "
+        f"CPU per saga {result['cpu_us_per_saga'].get('total', 0):,.0f} µs"
+    )
+    return result
+
+
+def _open_loop(ctx: Context, rig: Rig, tag: str, rate: float, label: str) -> dict[str, Any]:
+    cfg = ctx.config
     n = int(rate * cfg.saturation_seconds)
-    ids = saga_ids(f"t{replicas}", n)
+    ids = saga_ids(tag, n)
     meter = rig.meter().start()
     markers_before = rig.tail.markers()
     ended_before = len(rig.tail.ended)
@@ -265,18 +312,14 @@ def measure_throughput(ctx: Context, rig: Rig, replicas: int, profile: bool = Fa
     markers = rig.tail.markers() - markers_before
     finished = len(rig.tail.ended) - ended_before
     steps = len(rig.definition.steps)
-    result: dict[str, Any] = {
-        "replicas": replicas,
-        "participant_processes": rig.n_participants,
-        "partitions": cfg.partitions,
-        "probe": probe,
+    return {
         "offered_per_s": round(rate, 1),
         "sent": sent.count,
         "generator_max_lag_ms": round(sent.max_lag_ms, 1),
         "seconds": round(sent.seconds, 2),
         "window_s": round(window_s, 2),
         "sagas_per_s": round(throughput, 1),
-        "saturated": throughput < 0.95 * rate,
+        "sustained": drained and throughput >= 0.95 * rate,
         "completed": completed,
         "drained": drained,
         "cpu_us_per_saga": meter.per_saga_us(finished),
@@ -286,17 +329,6 @@ def measure_throughput(ctx: Context, rig: Rig, replicas: int, profile: bool = Fa
         "timeline": _timeline(ids, ended, sent.first_ms),
         "latency": summary([ended[k] - rig.gen.sent[k] for k in ids if k in ended]),
     }
-    ceiling = ctx.ceiling.get("produce_msgs_per_s")
-    if ceiling:
-        result["broker_produce_share"] = round(throughput * messages_per_saga(steps) / ceiling, 3)
-    ctx.progress.note(
-        f"{label}: {throughput:,.0f} sagas/s at {rate:,.0f} offered "
-        f"({'saturated' if result['saturated'] else 'NOT saturated: capacity is higher'}); "
-        f"CPU per saga {result['cpu_us_per_saga'].get('total', 0):,.0f} µs"
-    )
-    if profile:
-        result["profile"] = _profile_run(ctx, rig, rate, replicas)
-    return result
 
 
 def _retries(counts: Counter[str], steps: int) -> int:
@@ -323,7 +355,6 @@ def _profile_run(ctx: Context, rig: Rig, rate: float, replicas: int) -> dict[str
     ids = saga_ids(f"f{replicas}", int(rate * (seconds + 2)))
     with profiling.Recorder(ctx, targets, seconds) as recorder:
         rig.run_paced(ids, rate, f"profiling at {rate:,.0f} sagas/s")
-    rig.wait_done(ids, cfg.drain_timeout_s, "profiled sagas", strict=False)
     return recorder.results
 
 
@@ -349,6 +380,7 @@ def summarize_throughput(ctx: Context, runs: list[dict[str, Any]]) -> dict[str, 
 def run_latency(ctx: Context, rig: Rig) -> dict[str, Any]:
     cfg = ctx.config
     levels: list[dict[str, Any]] = []
+    out_hops: dict[str, Any] | None = None
     give_up = False
     steps = len(rig.definition.steps)
     for rate in cfg.latency_rates:
@@ -357,10 +389,21 @@ def run_latency(ctx: Context, rig: Rig) -> dict[str, Any]:
             continue
         n = max(10, int(rate * cfg.latency_seconds))
         ids = saga_ids(f"l{rate}", n)
+        tracer = None
+        if not levels:  # the lowest load: split the latency of every 10th saga into hops
+            d = rig.deployment
+            tracer = HopTracer(ctx.bootstrap, d.topics, d.partitions, d.participants[0], ctx.codec)
+            tracer.traced.update(ids[::10])
         meter = rig.meter().start()
-        sent = rig.run_paced(ids, rate, f"latency at {rate}/s")
-        complete = rig.wait_done(ids, cfg.drain_timeout_s, f"sagas at {rate}/s", strict=False)
-        meter.stop()
+        try:
+            sent = rig.run_paced(ids, rate, f"latency at {rate}/s")
+            complete = rig.wait_done(ids, cfg.drain_timeout_s, f"sagas at {rate}/s", strict=False)
+            meter.stop()
+            if tracer is not None:
+                time.sleep(0.3)  # the tracer reads three topics: let it see the last records
+        finally:
+            if tracer is not None:
+                tracer.stop()
         ended = rig.tail.ended
         latencies = [ended[k] - rig.gen.sent[k] for k in ids if k in ended]
         window_from = sent.first_ms + 0.2 * (sent.last_ms - sent.first_ms)
@@ -381,6 +424,9 @@ def run_latency(ctx: Context, rig: Rig) -> dict[str, Any]:
             "cpu_us_per_saga": meter.per_saga_us(len(latencies)),
             **summary(latencies),
         }
+        if tracer is not None:
+            level["hops"] = tracer.breakdown(rig.gen.sent, [s.name for s in rig.definition.steps])
+            out_hops = level["hops"]
         ceiling = ctx.ceiling.get("produce_msgs_per_s")
         if ceiling:
             level["broker_produce_share"] = round(rate * messages_per_saga(steps) / ceiling, 4)
@@ -391,36 +437,36 @@ def run_latency(ctx: Context, rig: Rig) -> dict[str, Any]:
         )
         give_up = not sustained
     out: dict[str, Any] = {"levels": levels, "managers": 1, "participant_processes": rig.n_participants}
+    if out_hops is not None:
+        out["hops_at_lowest_load"] = {"offered_per_s": cfg.latency_rates[0], **out_hops}
     for level in levels:
         out[f"at_{level['offered_per_s']}"] = level
     return out
 
 
 def run_sagas(ctx: Context, throughput: bool, latency: bool) -> dict[str, Any]:
-    """Throughput for each replica count, and latency on the 1-replica deployment.
+    """Latency on a fresh 1-manager deployment, then throughput on a fresh deployment per replica count.
 
-    The 1-replica deployment serves both (throughput first: its probe drains fully, and what the
-    saturation run leaves in flight ends before latency is measured); other replica counts get a
-    deployment of their own, started after the previous one is stopped.
+    Fresh topics for each, because the embedded broker gets slower as a log's history grows
+    (measured: its CPU per saga at 100 sagas/s doubles after some 12,000 sagas), so a measurement
+    made after another would be charged for the one before. The py-spy profile (``--profile``)
+    comes last on the first throughput deployment, since it overloads the system.
     """
     cfg = ctx.config
     out: dict[str, Any] = {}
-    runs: list[dict[str, Any]] = []
-    if latency or (throughput and 1 in cfg.replicas):
-        with Rig(ctx, "sagas1", managers=1, participants=cfg.participant_processes) as rig:
+    if latency:
+        with Rig(ctx, "latency", managers=1, participants=cfg.participant_processes) as rig:
             rig.warm(cfg.warmup_sagas)
-            if throughput and 1 in cfg.replicas:
-                runs.append(measure_throughput(ctx, rig, 1, profile=cfg.profile))
-                pending = [k for k in rig.gen.sent if k not in rig.tail.ended]
-                rig.wait_done(pending, cfg.drain_timeout_s * 3, "sagas left by the saturation run", strict=False)
-            if latency:
-                out["latency"] = run_latency(ctx, rig)
+            out["latency"] = run_latency(ctx, rig)
     if throughput:
+        runs: list[dict[str, Any]] = []
         for replicas in cfg.replicas:
-            if replicas == 1:
-                continue
             with Rig(ctx, f"tput{replicas}", managers=replicas, participants=cfg.participant_processes) as rig:
                 rig.warm(cfg.warmup_sagas)
-                runs.append(measure_throughput(ctx, rig, replicas))
+                run = measure_throughput(ctx, rig, replicas)
+                if cfg.profile and not runs:
+                    rig.wait_idle(cfg.drain_timeout_s * 2)
+                    run["profile"] = _profile_run(ctx, rig, run["offered_per_s"], replicas)
+                runs.append(run)
         out["throughput"] = summarize_throughput(ctx, runs)
     return out

@@ -133,7 +133,14 @@ class Manager:
                 settings.group_id,
                 session_timeout_ms=settings.session_timeout_ms,
                 # EOF events tell when a newly owned inbox partition has been read to its end.
-                overrides={"client.id": f"manager-{settings.instance_id}", "enable.partition.eof": True, **overrides},
+                overrides={
+                    "client.id": f"manager-{settings.instance_id}",
+                    "enable.partition.eof": True,
+                    # Incremental rebalancing: when a manager dies only its partitions move; the
+                    # others keep theirs (no revoke-everything, no needless replays).
+                    "partition.assignment.strategy": "cooperative-sticky",
+                    **overrides,
+                },
             )
         )
         self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
