@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -143,6 +144,7 @@ class Manager:
                 },
             )
         )
+        self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="saga-commit")
         self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -168,10 +170,14 @@ class Manager:
         except KafkaException as err:
             log.warning("closing consumer: %s", translate(err, "close"))
         self.reader.close()
+        self._writers.shutdown(wait=True)
 
     def step(self) -> None:
         """One iteration: poll a batch, decide, fire due timers, write each partition's transaction."""
-        messages = self.consumer.consume(self.settings.max_batch, self._poll_wait())
+        # Wait for the first message only; then take whatever else is already fetched, without
+        # waiting (consume(n, timeout) would hold a lone message until n arrive or timeout passes).
+        first = self.consumer.poll(self._poll_wait())
+        messages = [] if first is None else [first, *self.consumer.consume(self.settings.max_batch - 1, 0)]
         now = now_ms()
         for msg in messages:
             err = msg.error()
@@ -193,9 +199,7 @@ class Manager:
             self._fire_timers(owned, now)
             if now >= owned.next_sweep_ms:
                 self._tombstone_finished(owned, now)
-        for p, owned in list(self.owned.items()):
-            if owned.outbox:
-                self._commit(p, owned)
+        self._commit_all()
 
     def _poll_wait(self) -> float:
         wake = min((o.timers[0][0] for o in self.owned.values() if o.timers), default=None)
@@ -450,8 +454,30 @@ class Manager:
 
     # --- the one write path -----------------------------------------------------------------
 
+    def _commit_all(self) -> None:
+        """Write every partition's outbox. Each partition has its own producer, and a commit is
+        mostly waiting on the broker (librdkafka releases the GIL), so they run concurrently."""
+        pending = [(p, owned) for p, owned in self.owned.items() if owned.outbox]
+        if not pending:
+            return
+        metadata = self.consumer.consumer_group_metadata()
+        if len(pending) == 1:
+            errors = [self._write(pending[0][0], pending[0][1], metadata)]
+        else:
+            errors = list(self._writers.map(lambda item: self._write(item[0], item[1], metadata), pending))
+        for (p, _), err in zip(pending, errors, strict=True):
+            if err is not None:
+                self._write_failed(p, err)
+
     def _commit(self, p: int, owned: Owned) -> None:
-        """Write the partition's outbox in one transaction, with the inbox offset it consumed up to."""
+        """Write one partition's outbox now (takeover)."""
+        err = self._write(p, owned, self.consumer.consumer_group_metadata())
+        if err is not None:
+            self._write_failed(p, err)
+
+    def _write(self, p: int, owned: Owned, group_metadata: object) -> BrokerError | None:
+        """One transaction: log records, commands, dead letters and the inbox offset consumed up to.
+        Runs on a worker thread: touches nothing but the partition's own producer and outbox."""
         out, owned.outbox = owned.outbox, Outbox()
         producer = owned.producer
         try:
@@ -464,19 +490,22 @@ class Manager:
                 producer.produce(self.topics.dead_letters, value=value)
             if out.next_inbox_offset is not None:
                 producer.send_offsets_to_transaction(
-                    [TopicPartition(self.topics.inbox, p, out.next_inbox_offset)],
-                    self.consumer.consumer_group_metadata(),
-                    10,
+                    [TopicPartition(self.topics.inbox, p, out.next_inbox_offset)], group_metadata, 10
                 )
             producer.commit_transaction(30)
-        except (KafkaException, BufferError) as err:
-            mapped = translate(err, f"writing partition {p}") if isinstance(err, KafkaException) else BrokerError(str(err), retryable=True)
-            if isinstance(mapped, Fenced):
-                log.warning("partition %d: %s", p, mapped)
-                self._release(p)
-                return
-            log.error("partition %d: transaction failed (%s); taking it over again from the log", p, mapped)
-            self._recover(p)
+        except KafkaException as err:
+            return translate(err, f"writing partition {p}")
+        except BufferError as err:
+            return BrokerError(f"writing partition {p}: {err}", retryable=True)
+        return None
+
+    def _write_failed(self, p: int, err: BrokerError) -> None:
+        if isinstance(err, Fenced):
+            log.warning("partition %d: %s", p, err)
+            self._release(p)
+            return
+        log.error("partition %d: transaction failed (%s); taking it over again from the log", p, err)
+        self._recover(p)
 
     def _recover(self, p: int) -> None:
         """After a failed transaction: rebuild from the log and re-read the inbox from the committed offset."""
