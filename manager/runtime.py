@@ -45,7 +45,7 @@ from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import BrokerError, ConfigError, DecodeError, Fenced, FoldError
-from sagalog.fold import PartitionFold, SagaState
+from sagalog.fold import PartitionFold, SagaState, fold_newest
 from sagalog.kafka import consumer_config, producer_config, reader_config, translate
 from sagalog.records import (
     CancelSaga,
@@ -252,17 +252,18 @@ class Manager:
         self._commit(p, owned)
         self.stats["takeovers"] += 1
         log.info(
-            "took over partition %d at epoch %d: %d records replayed, %d live sagas resumed, %d rejected, in %.0f ms",
-            p, owned.epoch, fold.applied, len(owned.live), len(fold.rejected), 1000 * (time.monotonic() - started),
+            "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, in %.0f ms",
+            p, owned.epoch, len(fold.sagas), len(owned.live), fold.rejected_count, 1000 * (time.monotonic() - started),
         )
 
     def _replay(self, p: int) -> PartitionFold:
-        """Read log partition p from the beginning to its end and fold it.
+        """Read log partition p from the beginning to its end and rebuild its sagas.
 
         The end is the partition-EOF event, never the high watermark: some brokers (Tansu)
         under-report the watermark after multi-record batches, and stopping there would lose sagas.
+        Only each saga's newest acceptable record is decoded (:func:`sagalog.fold.fold_newest`).
         """
-        fold = PartitionFold(partition=p)
+        messages: list[tuple[bytes | None, bytes | None, int]] = []
         self.reader.assign([TopicPartition(self.topics.log, p, OFFSET_BEGINNING)])
         try:
             deadline = time.monotonic() + 300
@@ -272,18 +273,15 @@ class Manager:
                     raise BrokerError(f"replaying log partition {p} did not reach its end in 300 s", retryable=True)
                 for msg in self.reader.consume(5000, 0.05):
                     err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            done = True
-                            continue
+                    if err is None:
+                        messages.append((msg.key(), msg.value(), msg.offset()))
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        done = True
+                    else:
                         raise translate(err, f"replaying log partition {p}")
-                    try:
-                        item = None if msg.value() is None else self.codec.decode(msg.value())
-                    except DecodeError as bad:
-                        item = bad.at(self.topics.log, p, msg.offset())
-                    fold.apply(msg.key(), item, msg.offset())  # type: ignore[arg-type]
         finally:
             self.reader.unassign()
+        fold = fold_newest(messages, self.codec.decode, p)
         for offset, reason in fold.rejected[:20]:
             log.warning("log partition %d offset %d rejected on replay: %s", p, offset, reason)
         return fold

@@ -14,7 +14,7 @@ does not follow raises a :class:`FoldError` and leaves the state as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -296,3 +296,58 @@ class PartitionFold:
 
     def live(self) -> list[SagaState]:
         return [s for s in self.sagas.values() if not s.status.terminal]
+
+
+def fold_newest(
+    messages: list[tuple[bytes | None, bytes | None, int]],
+    decode: Callable[[bytes], Any],
+    partition: int = -1,
+) -> PartitionFold:
+    """The partition's sagas from each saga's newest acceptable record: a fast takeover replay.
+
+    ``messages`` are the partition's raw (key, value, offset) in log order. Every record carries
+    the saga's full snapshot, so the newest one is enough (that is what compaction leaves, and
+    replaying it gives the same state as the whole history: a property test checks it). Only one
+    record per saga is decoded instead of all of them. A newest record that does not decode, or
+    was written at an epoch older than a claim before it (a zombie's), is rejected and the next
+    older one is tried, as the full fold would.
+    """
+    fold = PartitionFold(partition=partition)
+    claims: list[tuple[int, int]] = []  # (offset, epoch), in log order
+    by_key: dict[bytes | None, list[int]] = {}
+    for index, (key, value, offset) in enumerate(messages):
+        if key is not None and key.startswith(b"__claim__/") and value is not None:
+            try:
+                claim = decode(value)
+            except DecodeError as err:
+                fold._reject(offset, str(err))
+                continue
+            if isinstance(claim, PartitionClaim):
+                claims.append((offset, claim.epoch))
+                fold.epoch = max(fold.epoch, claim.epoch)
+            continue
+        by_key.setdefault(key, []).append(index)
+
+    def epoch_before(offset: int) -> int:
+        return max((epoch for at, epoch in claims if at < offset), default=0)
+
+    for indexes in by_key.values():
+        for index in reversed(indexes):
+            _, value, offset = messages[index]
+            if value is None:
+                break  # tombstoned: the saga is gone
+            try:
+                record = decode(value)
+            except DecodeError as err:
+                fold._reject(offset, str(err))
+                continue
+            if not isinstance(record, SagaLogRecord):
+                fold._reject(offset, f"{type(record).__name__} is not a saga log record")
+                continue
+            if record.epoch < epoch_before(offset):
+                fold._reject(offset, f"saga {record.saga_id}: written at epoch {record.epoch} after a newer claim (a zombie's write)")
+                continue
+            fold.sagas[record.saga_id] = SagaState.from_record(record)
+            fold.applied += 1
+            break
+    return fold
