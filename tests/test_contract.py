@@ -1,0 +1,115 @@
+"""Proof that docs/CONTRACT.md and schemas/ are enough: a participant written from them alone.
+
+The participant below imports nothing of this project: it reads the .avsc files, computes the
+single-object header as CONTRACT.md says (the spec's Rabin fingerprint, little-endian) and talks
+to Kafka with raw confluent-kafka. Real manager processes drive sagas through it to the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import fastavro
+from confluent_kafka import Consumer, Producer
+from fastavro.schema import to_parsing_canonical_form
+from harness import ManagerProcess, start_sagas, wait_terminal
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+EMPTY = 0xC15D213AA4D7A795
+TABLE: list[int] = []
+for i in range(256):
+    fp = i
+    for _ in range(8):
+        fp = (fp >> 1) ^ (EMPTY & -(fp & 1))
+    TABLE.append(fp)
+
+
+def fingerprint64(canonical_form: bytes) -> bytes:
+    fp = EMPTY
+    for byte in canonical_form:
+        fp = (fp >> 8) ^ TABLE[(fp ^ byte) & 0xFF]
+    return fp.to_bytes(8, "little")
+
+
+def load(name: str) -> tuple[bytes, dict]:
+    raw = json.loads((SCHEMAS / name).read_text())
+    return b"\xc3\x01" + fingerprint64(to_parsing_canonical_form(raw).encode()), fastavro.parse_schema(raw)
+
+
+COMMAND_HEADER, COMMAND = load("participant_command.avsc")
+REPLY_HEADER, REPLY = load("participant_reply.avsc")
+
+
+class ContractParticipant:
+    """Answers every command it is sent; refuses to execute a step it has compensated."""
+
+    def __init__(self, bootstrap: str, topics: list[str], group: str, fail_step: str | None = None) -> None:
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",  # the contract: only committed commands count
+            "session.timeout.ms": 6000,
+        })
+        self.consumer.subscribe(topics)
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self.fail_step = fail_step
+        self.journal: dict[str, dict] = {}  # command id -> the reply given (same command, same reply)
+        self.handled: list[tuple[str, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            msg = self.consumer.poll(0.05)
+            if msg is None or msg.error():
+                continue
+            value = msg.value()
+            assert value[:10] == COMMAND_HEADER, "the header CONTRACT.md describes"
+            cmd = fastavro.schemaless_reader(io.BytesIO(value[10:]), COMMAND)
+            reply = self.journal.get(cmd["command_id"])
+            if reply is None:
+                failing = cmd["step"] == self.fail_step and cmd["action"] == "EXECUTE"
+                reply = {
+                    "command_id": cmd["command_id"], "saga_id": cmd["saga_id"], "step": cmd["step"],
+                    "action": cmd["action"], "attempt": cmd["attempt"], "epoch": cmd["epoch"],
+                    "outcome": "BUSINESS_FAILURE" if failing else "SUCCESS",
+                    "output": None if failing else json.dumps({"by": "contract"}),
+                    "error": "refused by the contract participant" if failing else None,
+                    "participant": "contract", "replied_ms": int(time.time() * 1000),
+                }
+                self.journal[cmd["command_id"]] = reply
+                self.handled.append((cmd["step"], cmd["action"]))
+            body = io.BytesIO()
+            fastavro.schemaless_writer(body, REPLY, {**reply, "attempt": cmd["attempt"], "epoch": cmd["epoch"]})
+            self.producer.produce(cmd["reply_topic"], REPLY_HEADER + body.getvalue(), key=msg.key(), partition=cmd["reply_partition"])
+            self.producer.poll(0)
+        self.producer.flush(5)
+        self.consumer.close()
+
+
+def test_a_participant_built_from_the_contract_alone_completes_and_compensates_sagas(bootstrap: str, make_topics, tmp_path: Path) -> None:
+    topics = make_topics(partitions=2, participants=["alpha", "beta"])
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(
+        "sagas:\n"
+        "  - name: pair\n    steps: [{name: one, participant: alpha}, {name: two, participant: beta}]\n"
+        "  - name: doomed\n    steps: [{name: one, participant: alpha}, {name: bad, participant: beta}]\n"
+    )
+    participant = ContractParticipant(bootstrap, [topics.commands("alpha"), topics.commands("beta")], f"{topics.prefix}-contract", fail_step="bad")
+    thread = threading.Thread(target=participant.run, daemon=True)
+    thread.start()
+    manager = ManagerProcess(bootstrap, topics, defs, tmp_path, "m", partitions=2).start()
+    try:
+        start_sagas(bootstrap, topics, "pair", [f"ok-{i}" for i in range(5)])
+        start_sagas(bootstrap, topics, "doomed", ["doomed-1"])
+        states = wait_terminal(bootstrap, topics, [*(f"ok-{i}" for i in range(5)), "doomed-1"], 60)
+    finally:
+        participant.stop.set()
+        thread.join(10)
+        assert manager.stop() == 0
+    assert all(states[f"ok-{i}"].status == "COMPLETED" for i in range(5))
+    assert states["ok-0"].step("two").output == '{"by": "contract"}'
+    assert states["doomed-1"].status == "ABORTED"
+    assert ("one", "COMPENSATE") in participant.handled and ("bad", "COMPENSATE") not in participant.handled
