@@ -188,7 +188,7 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
             changes.update(output=event.output, error=event.error)
         elif isinstance(event, CompensationEnded):
             changes.update(error=None)
-        update["steps"] = steps[:index] + (step.model_copy(update=changes),) + steps[index + 1 :]
+        update["steps"] = steps[:index] + (step.replace(**changes),) + steps[index + 1 :]
     elif isinstance(event, SagaEnded):
         if any(s.status is not T.SUCCEEDED for s in steps):
             raise _fail(state, event, "not every step has succeeded")
@@ -205,7 +205,7 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
         if open_steps:
             raise _fail(state, event, f"steps {open_steps} are not compensated yet")
         update["reason"] = event.reason
-    return state.model_copy(update=update)
+    return state.replace(**update)
 
 
 def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int = 0) -> SagaState:

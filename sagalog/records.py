@@ -9,7 +9,7 @@ number and the writer's epoch.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +22,32 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     #: Full Avro name of the record this model maps to.
     AVRO_NAME: ClassVar[str] = ""
+
+    def model_post_init(self, context: Any, /) -> None:
+        # pydantic keeps a per-instance set of "explicitly set" field names (~700 bytes each); a
+        # manager holds several models per live saga. Frozen models never add to it, so every
+        # instance of a class shares one (we never use exclude_unset).
+        object.__setattr__(self, "__pydantic_fields_set__", _field_names(type(self)))
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed, unvalidated (like ``model_copy(update=...)``) but
+        sharing the field-name set instead of copying it: the fold calls this for every event."""
+        new = object.__new__(type(self))
+        object.__setattr__(new, "__dict__", {**self.__dict__, **changes})
+        object.__setattr__(new, "__pydantic_fields_set__", self.__pydantic_fields_set__)
+        object.__setattr__(new, "__pydantic_extra__", None)
+        object.__setattr__(new, "__pydantic_private__", None)
+        return new
+
+
+_FIELD_NAMES: dict[type, set[str]] = {}
+
+
+def _field_names(cls: type[BaseModel]) -> set[str]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = set(cls.model_fields)
+    return names
 
 
 class SagaStatus(StrEnum):
