@@ -144,6 +144,7 @@ class Manager:
                 },
             )
         )
+        self._retry_takeover: dict[int, tuple[float, int]] = {}  # partition -> (due, attempt)
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="saga-commit")
         self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
 
@@ -200,6 +201,7 @@ class Manager:
             if now >= owned.next_sweep_ms:
                 self._tombstone_finished(owned, now)
         self._commit_all()
+        self._retry_takeovers()
 
     def _poll_wait(self) -> float:
         wake = min((o.timers[0][0] for o in self.owned.values() if o.timers), default=None)
@@ -211,15 +213,39 @@ class Manager:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            try:
-                self._take_over(tp.partition)
-            except BrokerError as err:
-                # Leave it unowned: its inbox messages are skipped until the next rebalance or retry.
-                log.error("taking over partition %d failed: %s", tp.partition, err)
+            self._try_take_over(tp.partition, attempt=1)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
+            self._retry_takeover.pop(tp.partition, None)
             self._release(tp.partition)
+
+    def _try_take_over(self, p: int, attempt: int) -> None:
+        """Take a partition over; if that fails, retry with backoff while the group still gives it
+        to us. Until then its inbox messages are not read past (their offsets stay uncommitted)."""
+        try:
+            self._take_over(p)
+            self._retry_takeover.pop(p, None)
+        except BrokerError as err:
+            delay = min(30.0, 0.5 * 2 ** (attempt - 1))
+            log.error("taking over partition %d failed (attempt %d): %s; retrying in %.1f s", p, attempt, err, delay)
+            self._retry_takeover[p] = (time.monotonic() + delay, attempt + 1)
+
+    def _retry_takeovers(self) -> None:
+        if not self._retry_takeover:
+            return
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        for p, (due, attempt) in list(self._retry_takeover.items()):
+            if p not in assigned:
+                del self._retry_takeover[p]
+            elif time.monotonic() >= due:
+                try:
+                    self._rewind_inbox(p)
+                except BrokerError as err:
+                    log.error("partition %d: %s; retrying", p, err)
+                    self._retry_takeover[p] = (time.monotonic() + 1.0, attempt + 1)
+                    continue
+                self._try_take_over(p, attempt)
 
     def _take_over(self, p: int) -> None:
         started = time.monotonic()
@@ -233,11 +259,13 @@ class Manager:
         )
         try:
             producer.init_transactions(30)  # fences the previous owner of this partition, zombie or not
+            fold = self._replay(p)
         except KafkaException as err:
             raise translate(err, f"claiming partition {p}") from err
-        fold = self._replay(p)
         now = now_ms()
-        owned = Owned(partition=p, epoch=fold.epoch + 1, producer=producer)
+        # Above every epoch seen on the partition: its claims, and (should a claim be missing) its records.
+        epoch = max([fold.epoch, *(state.epoch for state in fold.sagas.values())]) + 1
+        owned = Owned(partition=p, epoch=epoch, producer=producer)
         owned.outbox.log.append(
             (PartitionClaim.key(p), self.codec.encode(PartitionClaim(partition=p, epoch=owned.epoch, owner=self.settings.instance_id, timestamp_ms=now)))
         )
@@ -508,16 +536,16 @@ class Manager:
     def _recover(self, p: int) -> None:
         """After a failed transaction: rebuild from the log and re-read the inbox from the committed offset."""
         self._release(p)
+        # Re-taking a partition fences its other claimant: only do it while the group still
+        # gives it to us, or a zombie with an unrecognised error would fence the rightful owner.
+        if any(tp.partition == p for tp in self.consumer.assignment()):
+            self._retry_takeover[p] = (0.0, 1)  # now, through _retry_takeovers (which rewinds first)
+
+    def _rewind_inbox(self, p: int) -> None:
+        """Seek the inbox partition back to its committed offset: messages read since then were
+        either decided in a transaction that failed, or skipped while the partition was unowned."""
         try:
-            # Re-taking a partition fences its other claimant: only do it while the group still
-            # gives it to us, or a zombie with an unrecognised error would fence the rightful owner.
-            if not any(tp.partition == p for tp in self.consumer.assignment()):
-                return
-            committed = self.consumer.committed([TopicPartition(self.topics.inbox, p)], timeout=10)
-            if committed[0].offset >= 0:
-                self.consumer.seek(committed[0])
-            else:
-                self.consumer.seek(TopicPartition(self.topics.inbox, p, OFFSET_BEGINNING))
-            self._take_over(p)
-        except (KafkaException, BrokerError) as err:
-            log.error("partition %d could not be recovered now (%s); it is retried at the next rebalance", p, err)
+            committed = self.consumer.committed([TopicPartition(self.topics.inbox, p)], timeout=10)[0]
+            self.consumer.seek(committed if committed.offset >= 0 else TopicPartition(self.topics.inbox, p, OFFSET_BEGINNING))
+        except KafkaException as err:
+            raise translate(err, f"rewinding inbox partition {p}") from err
