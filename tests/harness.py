@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from sagalog.codec import Codec
 from sagalog.config import Topics
@@ -173,3 +173,24 @@ def wait_terminal(bootstrap: str, topics: Topics, ids: Iterable[str], timeout: f
         return states if len(done) == len(wanted) else None
 
     return wait_for(check, timeout, f"{len(wanted)} sagas to finish", interval=0.5)  # type: ignore[return-value]
+
+
+def end_offset(bootstrap: str, topic: str, partition: int, timeout_s: float = 10.0) -> int:
+    """The next offset of a partition, read to its end (partition EOF, from fetch responses).
+
+    Not ``get_watermark_offsets``: Tansu answers ListOffsets with the base offset + 1 of the
+    last record batch, which undercounts when that batch holds several records.
+    """
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offset-reader",
+                       "enable.partition.eof": True, "isolation.level": "read_committed"})
+    try:
+        reader.assign([TopicPartition(topic, partition, 0)])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            error = msg.error() if msg is not None else None
+            if msg is not None and error is not None and error.code() == KafkaError._PARTITION_EOF:
+                return int(msg.offset() or 0)
+        raise AssertionError(f"no end of {topic}[{partition}] within {timeout_s}s")
+    finally:
+        reader.close()

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from harness import end_offset
 
 from participants import CRASH_AFTER_COMMIT_ENV
 from participants.examples import db_path, inventory_report
@@ -60,27 +61,6 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = TIMEOU
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(pause)  # polling a file or a process: there is no event to wait on
         pause = min(pause * 2, 0.5)
-
-
-def end_offset(bootstrap: str, topic: str, partition: int, timeout_s: float = 10.0) -> int:
-    """The next offset of a partition, read to its end (partition EOF, from fetch responses).
-
-    Not ``get_watermark_offsets``: Tansu answers ListOffsets with the base offset + 1 of the
-    last record batch, which undercounts when that batch holds several records.
-    """
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offset-reader",
-                       "enable.partition.eof": True, "isolation.level": "read_committed"})
-    try:
-        reader.assign([TopicPartition(topic, partition, 0)])
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = reader.poll(0.5)
-            error = msg.error() if msg is not None else None
-            if msg is not None and error is not None and error.code() == KafkaError._PARTITION_EOF:
-                return int(msg.offset() or 0)
-        raise AssertionError(f"no end of {topic}[{partition}] within {timeout_s}s")
-    finally:
-        reader.close()
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from harness import end_offset
 
 from participants import (
     BusinessFailure,
@@ -220,27 +221,6 @@ def harness(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         thread.join(30)
         h.close()
     assert not thread.is_alive()
-
-
-def end_offset(bootstrap: str, topic: str, partition: int, timeout_s: float = 10.0) -> int:
-    """The next offset of a partition, read to its end (partition EOF, from fetch responses).
-
-    Not ``get_watermark_offsets``: Tansu answers ListOffsets with the base offset + 1 of the
-    last record batch, which undercounts when that batch holds several records.
-    """
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": "end-offset-reader",
-                       "enable.partition.eof": True, "isolation.level": "read_committed"})
-    try:
-        reader.assign([TopicPartition(topic, partition, 0)])
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = reader.poll(0.5)
-            error = msg.error() if msg is not None else None
-            if msg is not None and error is not None and error.code() == KafkaError._PARTITION_EOF:
-                return int(msg.offset() or 0)
-        raise AssertionError(f"no end of {topic}[{partition}] within {timeout_s}s")
-    finally:
-        reader.close()
 
 
 def new_saga() -> str:
