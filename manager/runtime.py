@@ -83,6 +83,10 @@ class ManagerSettings(BaseModel):
     #: takeover (replies that arrived while the partition had no owner count), or this long.
     takeover_catch_up_max_ms: int = 15000
     max_poll_wait_s: float = 0.05
+    #: How long a takeover waits for ``init_transactions`` (the broker aborting the previous
+    #: owner's open transaction) before it is deferred and retried.
+    init_transactions_timeout_s: float = 15.0
+    replay_timeout_s: float = 120.0
 
 
 @dataclass
@@ -144,7 +148,9 @@ class Manager:
                 },
             )
         )
-        self._retry_takeover: dict[int, tuple[float, int]] = {}  # partition -> (due, attempt)
+        #: Assigned partitions not served yet: partition -> (due at, monotonic s; attempt).
+        self._pending: dict[int, tuple[float, int]] = {}
+        self._next_audit = 0.0
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="saga-commit")
         self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
 
@@ -201,7 +207,7 @@ class Manager:
             if now >= owned.next_sweep_ms:
                 self._tombstone_finished(owned, now)
         self._commit_all()
-        self._retry_takeovers()
+        self._service_pending()
 
     def _poll_wait(self) -> float:
         wake = min((o.timers[0][0] for o in self.owned.values() if o.timers), default=None)
@@ -210,46 +216,135 @@ class Manager:
         return max(0.0, min(self.settings.max_poll_wait_s, (wake - now_ms()) / 1000))
 
     # --- ownership ------------------------------------------------------------------------
+    #
+    # The group decides who owns a partition; this manager only ever follows it:
+    #
+    #   assigned --(due)--> check --(group grants)--> init (fence) --> replay --> check --> SERVING
+    #      ^                  |                                                     |        |
+    #      |   not granted:   |                                 not granted: drop   |        |
+    #      +--- retry later <-+---------------------------------------------------+        |
+    #      +--- fenced / failed write, or assigned but not served (audit) <---------------+
+    #   revoked or lost: forget the partition, in any state.
+    #
+    # "The group grants" is asked of the broker, not of librdkafka's local view: a manager frozen
+    # past its session timeout still believes it holds its old assignment until its next poll,
+    # and a takeover it finishes then would fence the rightful owner.
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Never take over inside the callback: takeovers block (init_transactions, replay), and
+        # the main loop must keep polling so that a revocation is seen between their steps.
         for tp in partitions:
-            self._try_take_over(tp.partition, attempt=1)
+            self._pending.setdefault(tp.partition, (0.0, 1))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._retry_takeover.pop(tp.partition, None)
+            self._pending.pop(tp.partition, None)
             self._release(tp.partition)
 
-    def _try_take_over(self, p: int, attempt: int) -> None:
-        """Take a partition over; if that fails, retry with backoff while the group still gives it
-        to us. Until then its inbox messages are not read past (their offsets stay uncommitted)."""
+    def _assigned(self) -> set[int]:
+        return {tp.partition for tp in self.consumer.assignment() if tp.topic == self.topics.inbox}
+
+    def _group_grants(self, partitions: list[int], replayed: dict[int, int] | None = None) -> list[int]:
+        """Those of ``partitions`` the group assigns to this manager right now, as the broker sees it.
+
+        A synchronous offset commit with the consumer's member id and generation is the broker's
+        own membership check (any Kafka-compatible broker makes it): a manager evicted while it was
+        frozen gets UNKNOWN_MEMBER_ID or ILLEGAL_GENERATION although librdkafka still reports the
+        old assignment. What is committed is a marker on the *log* partition (this group never
+        consumes the log): where the takeover's replay ended, never an inbox offset.
+        """
+        local = self._assigned()
+        wanted = [p for p in partitions if p in local]
+        if not wanted:
+            return []
+        marks = [TopicPartition(self.topics.log, p, (replayed or {}).get(p, 0)) for p in wanted]
         try:
-            self._take_over(p)
-            self._retry_takeover.pop(p, None)
-        except BrokerError as err:
-            delay = min(30.0, 0.5 * 2 ** (attempt - 1))
-            log.error("taking over partition %d failed (attempt %d): %s; retrying in %.1f s", p, attempt, err, delay)
-            self._retry_takeover[p] = (time.monotonic() + delay, attempt + 1)
+            results = self.consumer.commit(offsets=marks, asynchronous=False) or []
+        except KafkaException as err:
+            log.warning("partitions %s: the group does not confirm this manager's assignment (%s); waiting", wanted, translate(err, "checking group membership"))
+            return []
+        return [tp.partition for tp in results if tp.error is None]
 
-    def _retry_takeovers(self) -> None:
-        if not self._retry_takeover:
+    def _schedule_takeover(self, p: int, delay_s: float, attempt: int) -> None:
+        self._pending[p] = (time.monotonic() + delay_s, attempt)
+
+    def _service_pending(self) -> None:
+        """Take over, together, every assigned partition that is due; audit the assignment."""
+        now = time.monotonic()
+        if now >= self._next_audit:
+            self._audit_assignment()
+            self._next_audit = now + 1.0
+        if not self._pending:
             return
-        assigned = {tp.partition for tp in self.consumer.assignment()}
-        for p, (due, attempt) in list(self._retry_takeover.items()):
-            if p not in assigned:
-                del self._retry_takeover[p]
-            elif time.monotonic() >= due:
-                try:
-                    self._rewind_inbox(p)
-                except BrokerError as err:
-                    log.error("partition %d: %s; retrying", p, err)
-                    self._retry_takeover[p] = (time.monotonic() + 1.0, attempt + 1)
-                    continue
-                self._try_take_over(p, attempt)
+        assigned = self._assigned()
+        for p in [p for p in self._pending if p not in assigned]:
+            del self._pending[p]
+        due = sorted(p for p, (at, _) in self._pending.items() if at <= now)
+        if due:
+            self._take_over_many(due)
 
-    def _take_over(self, p: int) -> None:
+    def _audit_assignment(self) -> None:
+        """Served partitions and the group's assignment must agree; repair and say so if not."""
+        assigned = self._assigned()
+        for p in sorted(assigned - set(self.owned) - set(self._pending)):
+            log.warning("partition %d is assigned to this manager but not served; taking it over", p)
+            self._schedule_takeover(p, 0.0, 1)
+        for p in sorted(set(self.owned) - assigned):
+            log.warning("partition %d is served but no longer assigned to this manager; releasing it", p)
+            self._release(p)
+
+    def _take_over_many(self, partitions: list[int]) -> None:
+        """Take partitions over concurrently; those that fail or are not granted are retried."""
         started = time.monotonic()
-        self._release(p)
+        granted = self._group_grants(partitions)
+        for p in partitions:
+            if p not in granted:
+                self._defer(p, "not (yet) granted by the group")
+        if not granted:
+            return
+        for p in granted:
+            self._release(p)
+        producers = dict(zip(granted, self._writers.map(self._fence_previous_owner, granted), strict=True))
+        ready = {p: prod for p, prod in producers.items() if not isinstance(prod, BrokerError)}
+        for p, err in producers.items():
+            if isinstance(err, BrokerError):
+                self._defer(p, str(err))
+        if not ready:
+            return
+        fenced_s = time.monotonic() - started
+        try:
+            folds = self._replay_many(sorted(ready))
+        except BrokerError as err:
+            for p in ready:
+                self._defer(p, str(err))
+            return
+        replayed_s = time.monotonic() - started - fenced_s
+        # Check again: the replay took time, and the group may have moved on meanwhile.
+        still = set(self._group_grants(sorted(ready), {p: f.next_offset for p, f in folds.items()}))
+        for p in sorted(ready):
+            if p not in still:
+                self._defer(p, "assignment moved during the takeover")
+                continue
+            try:
+                # After fencing, so the committed offset is final: messages fetched while the
+                # partition was not served were skipped, and are read again from there.
+                self._rewind_inbox(p)
+            except BrokerError as err:
+                self._defer(p, str(err))
+                continue
+            self._pending.pop(p, None)
+            self._claim(p, ready[p], folds[p], started, fenced_s, replayed_s)
+
+    def _defer(self, p: int, why: str) -> None:
+        if p not in self._pending:
+            return
+        _, attempt = self._pending[p]
+        delay = min(10.0, 0.25 * 2 ** (attempt - 1))
+        log.warning("partition %d: takeover deferred (attempt %d): %s; next try in %.1f s", p, attempt, why, delay)
+        self._schedule_takeover(p, delay, attempt + 1)
+
+    def _fence_previous_owner(self, p: int) -> Producer | BrokerError:
+        """The partition's transactional producer; ``init_transactions`` fences the previous owner."""
         producer = Producer(
             producer_config(
                 self.settings.bootstrap,
@@ -258,10 +353,23 @@ class Manager:
             )
         )
         try:
-            producer.init_transactions(30)  # fences the previous owner of this partition, zombie or not
-            fold = self._replay(p)
+            producer.init_transactions(self.settings.init_transactions_timeout_s)
         except KafkaException as err:
-            raise translate(err, f"claiming partition {p}") from err
+            return translate(err, f"claiming partition {p}")
+        return producer
+
+    def _take_over(self, p: int) -> None:
+        """Take partition p over now, without asking the group (tests and the replay benchmark)."""
+        started = time.monotonic()
+        self._release(p)
+        producer = self._fence_previous_owner(p)
+        if isinstance(producer, BrokerError):
+            raise producer
+        fenced_s = time.monotonic() - started
+        fold = self._replay_many([p])[p]
+        self._claim(p, producer, fold, started, fenced_s, time.monotonic() - started - fenced_s)
+
+    def _claim(self, p: int, producer: Producer, fold: PartitionFold, started: float, fenced_s: float, replayed_s: float) -> None:
         now = now_ms()
         # Above every epoch seen on the partition: its claims, and (should a claim be missing) its records.
         epoch = max([fold.epoch, *(state.epoch for state in fold.sagas.values())]) + 1
@@ -278,41 +386,52 @@ class Manager:
         owned.catch_up_by = now + self.settings.takeover_catch_up_max_ms
         self.owned[p] = owned
         self._commit(p, owned)
+        if p not in self.owned:
+            return  # the claim itself failed: already rescheduled (or fenced) by _write_failed
         self.stats["takeovers"] += 1
         log.info(
-            "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, in %.0f ms",
-            p, owned.epoch, len(fold.sagas), len(owned.live), fold.rejected_count, 1000 * (time.monotonic() - started),
-        )
+            "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, "
+            "in %.0f ms (fencing %.0f ms, replay %.0f ms)",
+            p, owned.epoch, len(fold.sagas), len(owned.live), fold.rejected_count,
+            1000 * (time.monotonic() - started), 1000 * fenced_s, 1000 * replayed_s,
+        )  # fmt: skip
 
-    def _replay(self, p: int) -> PartitionFold:
-        """Read log partition p from the beginning to its end and rebuild its sagas.
+    def _replay_many(self, partitions: list[int]) -> dict[int, PartitionFold]:
+        """Read log partitions from the beginning to their ends and rebuild their sagas.
 
         The end is the partition-EOF event, never the high watermark: some brokers (Tansu)
         under-report the watermark after multi-record batches, and stopping there would lose sagas.
         Only each saga's newest acceptable record is decoded (:func:`sagalog.fold.fold_newest`).
         """
-        messages: list[tuple[bytes | None, bytes | None, int]] = []
-        self.reader.assign([TopicPartition(self.topics.log, p, OFFSET_BEGINNING)])
+        messages: dict[int, list[tuple[bytes | None, bytes | None, int]]] = {p: [] for p in partitions}
+        ends: dict[int, int] = {}
+        self.reader.assign([TopicPartition(self.topics.log, p, OFFSET_BEGINNING) for p in partitions])
         try:
-            deadline = time.monotonic() + 300
-            done = False
-            while not done:
+            deadline = time.monotonic() + self.settings.replay_timeout_s
+            while len(ends) < len(partitions):
                 if time.monotonic() > deadline:
-                    raise BrokerError(f"replaying log partition {p} did not reach its end in 300 s", retryable=True)
+                    missing = sorted(set(partitions) - set(ends))
+                    raise BrokerError(f"replaying log partitions {missing} did not reach their end in {self.settings.replay_timeout_s:g} s", retryable=True)
                 for msg in self.reader.consume(5000, 0.05):
                     err = msg.error()
                     if err is None:
-                        messages.append((msg.key(), msg.value(), msg.offset()))
+                        messages[msg.partition()].append((msg.key(), msg.value(), msg.offset()))
                     elif err.code() == KafkaError._PARTITION_EOF:
-                        done = True
+                        ends[msg.partition()] = msg.offset()
                     else:
-                        raise translate(err, f"replaying log partition {p}")
+                        raise translate(err, f"replaying log partitions {partitions}")
         finally:
             self.reader.unassign()
-        fold = fold_newest(messages, self.codec.decode, p)
-        for offset, reason in fold.rejected[:20]:
-            log.warning("log partition %d offset %d rejected on replay: %s", p, offset, reason)
-        return fold
+        folds = {}
+        for p in partitions:
+            fold = folds[p] = fold_newest(messages[p], self.codec.decode, p)
+            fold.next_offset = ends[p]
+            for offset, reason in fold.rejected[:20]:
+                log.warning("log partition %d offset %d rejected on replay: %s", p, offset, reason)
+        return folds
+
+    def _replay(self, p: int) -> PartitionFold:
+        return self._replay_many([p])[p]
 
     def _release(self, p: int) -> None:
         owned = self.owned.pop(p, None)
@@ -526,20 +645,17 @@ class Manager:
         return None
 
     def _write_failed(self, p: int, err: BrokerError) -> None:
-        if isinstance(err, Fenced):
-            log.warning("partition %d: %s", p, err)
-            self._release(p)
-            return
-        log.error("partition %d: transaction failed (%s); taking it over again from the log", p, err)
-        self._recover(p)
-
-    def _recover(self, p: int) -> None:
-        """After a failed transaction: rebuild from the log and re-read the inbox from the committed offset."""
+        """A failed transaction never ends ownership the group still grants: the partition is
+        released (memory may be ahead of the log) and, while still assigned, taken over again from
+        the log. If another manager fenced us, the group check before that takeover decides who is
+        right: a zombie is refused and waits for its revocation; the rightful owner fences back."""
         self._release(p)
-        # Re-taking a partition fences its other claimant: only do it while the group still
-        # gives it to us, or a zombie with an unrecognised error would fence the rightful owner.
-        if any(tp.partition == p for tp in self.consumer.assignment()):
-            self._retry_takeover[p] = (0.0, 1)  # now, through _retry_takeovers (which rewinds first)
+        if isinstance(err, Fenced):
+            log.warning("partition %d: fenced by another manager's takeover; re-checking the assignment", p)
+        else:
+            log.error("partition %d: transaction failed (%s); taking it over again from the log", p, err)
+        if p in self._assigned():
+            self._schedule_takeover(p, 1.0 if isinstance(err, Fenced) else 0.0, 1)
 
     def _rewind_inbox(self, p: int) -> None:
         """Seek the inbox partition back to its committed offset: messages read since then were

@@ -16,6 +16,7 @@ from participants.sdk import (
     Participant,
     ParticipantStats,
     StepContext,
+    TransientFailure,
     Verdict,
     decide,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ANY_STEP",
     "CRASH_AFTER_COMMIT_ENV",
     "BusinessFailure",
+    "TransientFailure",
     "Decision",
     "Handler",
     "JournalEntry",

@@ -98,6 +98,16 @@ class BusinessFailure(SagaError):
     """
 
 
+class TransientFailure(SagaError):
+    """Raise from a handler: this attempt failed for a reason that may pass (a dependency is down,
+    a lock timed out). The handler's writes are rolled back, the manager is answered
+    RETRYABLE_ERROR and retries with backoff, and the participant logs one line. Any *other*
+    exception is answered the same way but logged with its traceback: it is presumably a bug.
+    """
+
+    retryable = True
+
+
 @dataclass(frozen=True, slots=True)
 class StepContext:
     """What a handler knows about the command it serves. ``payload``/``outputs`` are parsed JSON."""
@@ -772,8 +782,9 @@ class Participant:
                              self.name, command.command_id, error)
             reply = self._reply(command, ReplyOutcome.BUSINESS_FAILURE, error=error)
         except Exception as err:  # any bug or outage in a handler: nothing changed, try again
-            _log.warning("%s: %s attempt %d failed, answering RETRYABLE_ERROR", self.name, command.command_id,
-                         command.attempt, exc_info=True)
+            # One line for a failure the handler announced; a traceback for anything else (a bug).
+            _log.warning("%s: %s attempt %d failed (%s), answering RETRYABLE_ERROR", self.name, command.command_id,
+                         command.attempt, err, exc_info=not isinstance(err, TransientFailure))
             reply = self._reply(command, ReplyOutcome.RETRYABLE_ERROR,
                                 error=f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS])
         return reply, self._codec.encode(reply)

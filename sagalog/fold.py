@@ -266,6 +266,8 @@ class PartitionFold:
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (offset, reason), the first ones
     rejected_count: int = 0
     max_rejected_kept: int = 1000
+    #: Where a replay that built this fold stopped: the partition's end when it was read.
+    next_offset: int = 0
 
     def apply(self, key: bytes | None, item: SagaLogRecord | PartitionClaim | DecodeError | None, offset: int) -> None:
         """Apply one decoded log message (``None``: a tombstone that removes a finished saga)."""

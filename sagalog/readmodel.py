@@ -71,7 +71,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import SagaDefinition
-from sagalog.errors import BrokerError, BrokerUnavailable, ConfigError, DecodeError
+from sagalog.errors import BrokerUnavailable, ConfigError, DecodeError
 from sagalog.fold import PartitionFold, SagaState
 from sagalog.kafka import ClientOverrides, admin_client, reader_config, translate
 from sagalog.records import PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
@@ -232,6 +232,19 @@ class CatchUpStats:
     rejected: int = 0
     resets: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    #: Partitions not read to their end within the read model's timeout, with the next offset
+    #: reached: answers about their sagas may be stale (never an error: see ``_consume``).
+    stale: dict[int, int] = field(default_factory=dict)
+
+    def staleness(self) -> str | None:
+        """One line for the user when the answer may be stale, else None."""
+        if not self.stale:
+            return None
+        where = ", ".join(f"{p} (read up to offset {o})" for p, o in sorted(self.stale.items()))
+        return (
+            f"log partition(s) {where} did not reach their end within {self.seconds:.0f}s "
+            f"(the broker is slow, or a transaction is still open): the answer may miss their newest records"
+        )
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -344,6 +357,8 @@ class ReadModel:
         self._partitions: int | None = None
         self._topic_names: frozenset[str] = frozenset()
         self._topic_checked = False
+        #: Set by each catch-up: a line for the user when the answer may be stale, else None.
+        self.staleness: str | None = None
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self.db = self._open()
@@ -527,6 +542,7 @@ class ReadModel:
             if stats.records:
                 self.db.execute("DELETE FROM removed WHERE removed_ms < ?", (int(time.time() * 1000) - REMOVED_KEPT_MS,))
         stats.seconds = time.monotonic() - started
+        self.staleness = stats.staleness()
         return stats
 
     def _consume(self, starts: dict[int, int], stats: CatchUpStats) -> None:
@@ -550,18 +566,17 @@ class ReadModel:
         except KafkaException as err:
             raise translate(err, f"reading {self.topics.log}") from err
         try:
-            quiet_limit = max(10.0, self.timeout_s)
+            quiet_limit = self.timeout_s
             last_progress = time.monotonic()
             remaining = set(starts)
             seen: set[int] = set()  # partitions that delivered a first message or their end
             while remaining:
                 if time.monotonic() - last_progress > quiet_limit:
-                    raise BrokerError(
-                        f"{self.topics.log} partitions {sorted(remaining)} returned nothing for {quiet_limit:g}s "
-                        f"(a stored offset beyond the end of the log?); try again, or delete {self.path} "
-                        f"to rebuild the read model",
-                        retryable=True,
-                    )
+                    # Answer with what was read: a query must answer whatever the managers and the
+                    # broker are doing (an open transaction holds read_committed readers back).
+                    positions = consumer.position([TopicPartition(self.topics.log, p) for p in sorted(remaining)])
+                    stats.stale = {tp.partition: max(tp.offset, starts[tp.partition]) for tp in positions}
+                    break
                 batch: list[Message] = []
                 reached: dict[int, int] = {}
                 resets: set[int] = set()

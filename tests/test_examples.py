@@ -23,7 +23,7 @@ from participants.examples import (
     inventory_report,
 )
 from participants.examples.inventory import simulated_glitch, simulated_refusal
-from participants.sdk import BusinessFailure, StepContext
+from participants.sdk import BusinessFailure, StepContext, TransientFailure
 from participants.store import SqliteStore
 from sagalog.definition import DefinitionSet
 from sagalog.errors import ConfigError
@@ -187,7 +187,7 @@ def test_failure_rate_applies_to_the_refusing_participants_only(books: Any) -> N
 
 def test_glitches_are_transient_errors(books: Any) -> None:
     hotels, conn, path = books("hotels", ExampleOptions(glitch_rate=1.0))
-    with pytest.raises(RuntimeError, match="transient"):
+    with pytest.raises(TransientFailure, match="transient"):
         in_savepoint(conn, lambda: hotels.reserve(ctx("s1", {}), conn))
     assert inventory_report(path).items == {}
 

@@ -8,6 +8,7 @@ replies and dead letters with a plain consumer.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -30,6 +31,7 @@ from participants import (
     SqliteStore,
     StepContext,
     StoreTransaction,
+    TransientFailure,
     Verdict,
     decide,
 )
@@ -132,6 +134,8 @@ def build(topics: Topics, bootstrap: str, db: Path, store_type: type[SqliteStore
             raise BusinessFailure("sold out")
         if fail == "transient" and ctx.attempt < 2:
             raise ConnectionError("inventory service unreachable")
+        if fail == "announced" and ctx.attempt < 2:
+            raise TransientFailure("inventory service busy")
         return {"ticket": f"T-{ctx.saga_id}", "attempt": ctx.attempt}
 
     @participant.compensate("reserve")
@@ -324,6 +328,20 @@ def test_retryable_error_is_not_final(harness: Harness) -> None:
     assert retried.output == repeated.output
     assert calls[(saga, Action.EXECUTE)] == 2
     assert harness.effects(saga) == [("EXECUTE", 2)]
+
+
+def test_an_announced_transient_failure_logs_one_line_and_a_bug_its_traceback(harness: Harness, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="participants.sdk")
+    announced, buggy = new_saga(), new_saga()
+    harness.send(command(announced, payload={"fail": "announced"}, reply_topic=harness.reply_topic))
+    harness.send(command(buggy, payload={"fail": "transient"}, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(announced, 1)[0].error == "TransientFailure: inventory service busy"
+    assert harness.wait_replies(buggy, 1)[0].outcome is ReplyOutcome.RETRYABLE_ERROR
+    lines = {r.getMessage(): r for r in caplog.records if "answering RETRYABLE_ERROR" in r.getMessage()}
+    [one_line] = [r for m, r in lines.items() if announced in m]
+    [with_trace] = [r for m, r in lines.items() if buggy in m]
+    assert "inventory service busy" in one_line.getMessage() and not one_line.exc_info
+    assert with_trace.exc_info is not None and with_trace.exc_info[0] is ConnectionError
 
 
 def test_bad_messages_go_to_dead_letters_and_the_participant_keeps_serving(harness: Harness) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from participants.sdk import BusinessFailure, StepContext
+from participants.sdk import BusinessFailure, StepContext, TransientFailure
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inventory_items (
@@ -106,7 +106,7 @@ class Inventory:
     def reserve(self, ctx: StepContext, tx: sqlite3.Connection) -> dict[str, Any]:
         """Execute: take a hold for the saga, or refuse (BusinessFailure) without changing anything."""
         if simulated_glitch(self.participant, ctx.saga_id, ctx.attempt, self.glitch_rate):
-            raise RuntimeError(f"{self.participant}: simulated transient outage (attempt {ctx.attempt})")
+            raise TransientFailure(f"{self.participant}: simulated transient outage (attempt {ctx.attempt})")
         item, quantity = self.request(ctx.payload)
         payload = ctx.payload if isinstance(ctx.payload, Mapping) else {}
         for rule in self.rules:

@@ -91,6 +91,8 @@ def _read_model(
         bootstrap_servers, topics_for(topic_prefix), state_dir=state_dir, overrides=overrides, timeout_s=5.0
     ) as model:
         yield model
+        if model.staleness:
+            click.echo(f"warning: {model.staleness}", err=True)
 
 
 def _quiet_librdkafka() -> None:

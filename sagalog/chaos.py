@@ -1,0 +1,381 @@
+"""``saga chaos``: a real deployment under load and a seeded schedule of faults, then a verdict.
+
+The run: a broker (embedded, or ``--bootstrap-servers``), N managers and the example
+participants as OS processes; sagas started at a steady rate; every few seconds one fault from
+a schedule drawn from ``--seed`` (so a failing run can be replayed):
+
+* ``kill``: SIGKILL a manager, restart it after a random delay (sometimes several at once);
+* ``freeze``: SIGSTOP a manager for longer than the session timeout, then SIGCONT (a zombie);
+* ``participant``: SIGKILL the participants' process, restart it on the same state directory.
+
+Then it heals (every frozen manager continued, every dead process restarted), waits until every
+started saga is terminal, and checks what must hold, reading the log and the participants'
+SQLite files on its own:
+
+* liveness: every started saga reached the log and ended; every partition was served again
+  after each fault within a bound; queries answered throughout;
+* safety: no participant applied a step twice, no execute after its compensation, the
+  participants' books hold exactly the effects of completed sagas.
+
+The result is a JSON report and a Markdown summary; :attr:`ChaosReport.ok` says whether every
+invariant held.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import sqlite3
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sagalog.config import Topics
+from sagalog.demo import PARTICIPANTS, Child, PlannedSaga, plan_sagas
+from sagalog.errors import ConfigError, SagaError
+
+FAULT_KINDS = ("kill", "freeze", "participant")
+_TAKEOVER = re.compile(r"took over partition (\d+) at epoch (\d+).* in (\d+) ms")
+
+
+@dataclass(frozen=True)
+class ChaosSettings:
+    seed: int = 1
+    duration_s: float = 60.0
+    managers: int = 3
+    partitions: int = 6
+    rate: float = 20.0
+    session_timeout_ms: int = 6000
+    faults: tuple[str, ...] = FAULT_KINDS
+    #: Seconds between faults: drawn uniformly from this range.
+    fault_every_s: tuple[float, float] = (5.0, 9.0)
+    failure_rate: float = 0.15
+    glitch_rate: float = 0.1
+    #: After healing, every saga must end within this long.
+    settle_timeout_s: float = 120.0
+    #: A query (read-model catch-up) must answer within this long, whatever the managers do.
+    query_bound_s: float = 10.0
+    bootstrap: str | None = None
+    work_dir: Path | None = None
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.faults) - set(FAULT_KINDS))
+        if unknown:
+            raise ConfigError(f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}")
+        if self.managers < 2:
+            raise ConfigError(f"--managers must be at least 2 (faults need a survivor), not {self.managers}")
+        if self.duration_s <= 0 or self.rate <= 0:
+            raise ConfigError("--duration and --rate must be positive")
+
+
+@dataclass
+class Fault:
+    at_s: float
+    kind: str
+    target: str
+    hold_s: float  # how long the process stays down / frozen
+
+
+@dataclass
+class Invariant:
+    name: str
+    ok: bool
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    settings: dict[str, Any]
+    schedule: list[Fault]
+    started: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    takeovers_ms: list[int] = field(default_factory=list)
+    query_seconds_max: float = 0.0
+    invariants: list[Invariant] = field(default_factory=list)
+    work_dir: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(i.ok for i in self.invariants)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# Chaos run, seed {self.seed}: {'PASS' if self.ok else 'FAIL'}",
+            "",
+            f"{self.started} sagas started; outcomes {dict(sorted(self.outcomes.items()))}; "
+            f"{len(self.schedule)} faults; takeovers {len(self.takeovers_ms)} "
+            f"(max {max(self.takeovers_ms, default=0)} ms); slowest query {self.query_seconds_max:.2f} s",
+            "",
+            "| invariant | holds | count | first examples |",
+            "|---|---|---|---|",
+        ]
+        for inv in self.invariants:
+            lines.append(f"| {inv.name} | {'yes' if inv.ok else '**NO**'} | {inv.count} | {', '.join(inv.examples[:5])} {inv.detail} |")
+        lines += ["", "Fault schedule:", ""]
+        lines += [f"- {f.at_s:6.1f} s {f.kind} {f.target} for {f.hold_s:.1f} s" for f in self.schedule]
+        return "\n".join(lines) + "\n"
+
+
+def draw_schedule(settings: ChaosSettings) -> list[Fault]:
+    """The faults of a run, a pure function of the settings (and so of the seed)."""
+    rng = random.Random(settings.seed)
+    session_s = settings.session_timeout_ms / 1000
+    out: list[Fault] = []
+    t = rng.uniform(*settings.fault_every_s)
+    names = [f"m{i}" for i in range(1, settings.managers + 1)]
+    while t < settings.duration_s and settings.faults:
+        kind = rng.choice(settings.faults)
+        if kind == "kill":
+            for target in rng.sample(names, rng.choice([1, 1, 1, 2])):
+                out.append(Fault(round(t, 2), "kill", target, round(rng.uniform(2, 8), 2)))
+        elif kind == "freeze":
+            out.append(Fault(round(t, 2), "freeze", rng.choice(names), round(rng.uniform(session_s + 2, session_s + 9), 2)))
+        else:
+            out.append(Fault(round(t, 2), "participant", "participants", round(rng.uniform(1, 4), 2)))
+        t += rng.uniform(*settings.fault_every_s)
+    return out
+
+
+class Chaos:
+    def __init__(self, settings: ChaosSettings, echo: Callable[[str], None] = print) -> None:
+        settings.validate()
+        self.settings = settings
+        self.echo = echo
+        self.work_dir = settings.work_dir or Path(tempfile.mkdtemp(prefix="saga-chaos-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.topics = Topics(prefix=f"chaos{settings.seed}-{int(time.time())}")
+        self.broker: Any = None
+        self.bootstrap = settings.bootstrap or ""
+        self.managers: dict[str, Child] = {}
+        self.participants: Child | None = None
+        self.schedule = draw_schedule(settings)
+        self.started: list[PlannedSaga] = []
+        self.query_seconds: list[float] = []
+        self.query_errors: list[str] = []
+        self._t0 = 0.0
+        self._stop = threading.Event()
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _manager(self, name: str) -> Child:
+        from sagalog.cli.manager import default_definitions
+
+        args = [
+            "manager", "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
+            "--group-id", f"{self.topics.prefix}-managers", "--partitions", str(self.settings.partitions),
+            "--session-timeout-ms", str(self.settings.session_timeout_ms), "--log-level", "INFO",
+            *[arg for path in default_definitions() for arg in ("--definitions", str(path))],
+        ]  # fmt: skip
+        return Child(name, args, self.work_dir / f"manager-{name}.log")
+
+    def _participants(self) -> Child:
+        s = self.settings
+        args = [
+            "participant", "run", *PARTICIPANTS, "--db-dir", str(self.work_dir / "db"),
+            "--failure-rate", str(s.failure_rate), "--glitch-rate", str(s.glitch_rate),
+            "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
+            "--session-timeout-ms", str(s.session_timeout_ms),
+        ]  # fmt: skip
+        return Child("participants", args, self.work_dir / "participants.log")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def run(self) -> ChaosReport:
+        from sagalog.broker import EmbeddedBroker
+        from sagalog.topics import ensure_topics
+
+        s = self.settings
+        try:
+            if not self.bootstrap:
+                self.broker = EmbeddedBroker(port=0, log_path=self.work_dir / "broker.log").start()
+                self.bootstrap = self.broker.bootstrap
+            ensure_topics(self.bootstrap, self.topics, partitions=s.partitions, participants=list(PARTICIPANTS))
+            (self.work_dir / "db").mkdir(exist_ok=True)
+            self.participants = self._participants().start()
+            for i in range(1, s.managers + 1):
+                self.managers[f"m{i}"] = self._manager(f"m{i}").start()
+            self._t0 = time.monotonic()
+            threads = [threading.Thread(target=f, daemon=True) for f in (self._load, self._query_probe)]
+            for t in threads:
+                t.start()
+            self._inject()
+            self._stop.set()
+            for t in threads:
+                t.join(30)
+            self._heal()
+            return self._verdict()
+        finally:
+            for child in [*self.managers.values(), *([self.participants] if self.participants else [])]:
+                if child.alive:
+                    child.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+                child.stop()
+            if self.broker is not None:
+                self.broker.stop()
+
+    def _load(self) -> None:
+        from confluent_kafka import Producer
+
+        from sagalog.codec import Codec
+        from sagalog.kafka import producer_config
+        from sagalog.records import StartSaga
+
+        codec = Codec()
+        producer = Producer(producer_config(self.bootstrap))
+        plan = plan_sagas(int(self.settings.duration_s * self.settings.rate) + 1, self.settings.seed)
+        interval = 1 / self.settings.rate
+        next_at = time.monotonic()
+        for saga in plan:
+            if self._stop.is_set():
+                break
+            start = StartSaga(saga_id=saga.saga_id, saga_type=saga.saga_type, payload=json.dumps(saga.payload), requested_ms=int(time.time() * 1000))
+            producer.produce(self.topics.inbox, codec.encode(start), key=saga.saga_id.encode())
+            producer.poll(0)
+            self.started.append(saga)
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        producer.flush(30)
+
+    def _query_probe(self) -> None:
+        """A fresh read model every few seconds: queries must answer whatever the managers do."""
+        from sagalog.readmodel import ReadModel
+
+        n = 0
+        while not self._stop.wait(3.0):
+            n += 1
+            began = time.monotonic()
+            try:
+                with ReadModel(self.bootstrap, self.topics, state_dir=self.work_dir / f"probe-{n}") as model:
+                    model.catch_up()
+            except SagaError as err:
+                self.query_errors.append(f"{self.elapsed():.1f}s: {err}")
+            self.query_seconds.append(time.monotonic() - began)
+
+    def _inject(self) -> None:
+        timers: list[threading.Timer] = []
+        for fault in self.schedule:
+            wait = fault.at_s - self.elapsed()
+            if wait > 0 and self._stop.wait(wait):
+                break
+            self.echo(f"[{self.elapsed():6.1f}s] {fault.kind} {fault.target} for {fault.hold_s:.1f}s")
+            if fault.kind == "participant":
+                assert self.participants is not None
+                self.participants.kill()
+                timers.append(threading.Timer(fault.hold_s, self._restart_participants))
+            else:
+                child = self.managers[fault.target]
+                if not child.alive:
+                    continue
+                if fault.kind == "kill":
+                    child.kill()
+                    timers.append(threading.Timer(fault.hold_s, self._restart_manager, (fault.target,)))
+                else:
+                    child.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+                    timers.append(threading.Timer(fault.hold_s, child.proc.send_signal, (signal.SIGCONT,)))  # type: ignore[union-attr]
+            timers[-1].daemon = True
+            timers[-1].start()
+        remaining = self.settings.duration_s - self.elapsed()
+        if remaining > 0:
+            time.sleep(remaining)
+        for timer in timers:
+            timer.join()
+
+    def _restart_manager(self, name: str) -> None:
+        self.managers[name].stop()
+        self.managers[name].start()
+
+    def _restart_participants(self) -> None:
+        assert self.participants is not None
+        self.participants.stop()
+        self.participants.start()
+
+    def _heal(self) -> None:
+        for name, child in self.managers.items():
+            if child.alive:
+                child.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+            else:
+                self._restart_manager(name)
+        assert self.participants is not None
+        if not self.participants.alive:
+            self._restart_participants()
+        self.echo(f"[{self.elapsed():6.1f}s] healed; waiting for {len(self.started)} sagas to end")
+
+    # -- the verdict ---------------------------------------------------------------------------
+
+    def _terminal_states(self) -> dict[str, str]:
+        from sagalog.reader import scan
+        from sagalog.records import SagaLogRecord
+
+        latest: dict[str, tuple[int, str]] = {}
+        for entry in scan(self.bootstrap, self.topics):
+            item = entry.item
+            if isinstance(item, SagaLogRecord):
+                seq, _ = latest.get(item.saga_id, (0, ""))
+                if item.seq > seq:
+                    latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
+        return {k: v for k, (_, v) in latest.items()}
+
+    def _verdict(self) -> ChaosReport:
+        s = self.settings
+        report = ChaosReport(seed=s.seed, settings={k: str(v) for k, v in asdict(s).items()}, schedule=self.schedule, work_dir=str(self.work_dir))
+        report.started = len(self.started)
+        ids = {p.saga_id for p in self.started}
+        deadline = time.monotonic() + s.settle_timeout_s
+        while True:
+            states = self._terminal_states()
+            open_ = sorted(i for i in ids if states.get(i) not in ("COMPLETED", "ABORTED"))
+            if not open_ or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        report.outcomes = dict(Counter(states.get(i, "MISSING") for i in ids))
+        missing = sorted(i for i in ids if i not in states)
+        stuck = sorted(i for i in open_ if i in states)
+        report.invariants.append(Invariant("every started saga is on the log", not missing, len(missing), missing[:10]))
+        report.invariants.append(Invariant(f"every saga ended within {s.settle_timeout_s:g}s of healing", not stuck, len(stuck), stuck[:10]))
+        for child in self.managers.values():
+            for m in _TAKEOVER.finditer(child.log_path.read_text(errors="replace")):
+                report.takeovers_ms.append(int(m.group(3)))
+        report.query_seconds_max = max(self.query_seconds, default=0.0)
+        slow = [f"{q:.1f}s" for q in self.query_seconds if q > s.query_bound_s]
+        report.invariants.append(Invariant("queries answered throughout", not self.query_errors, len(self.query_errors), self.query_errors[:3]))
+        report.invariants.append(Invariant(f"queries answered within {s.query_bound_s:g}s", not slow, len(slow), slow[:5]))
+        report.invariants.extend(self._check_participants({p.saga_id: p for p in self.started}, states))
+        return report
+
+    def _check_participants(self, planned: dict[str, PlannedSaga], states: dict[str, str]) -> list[Invariant]:
+        """Read each participant's journal on its own: no double effect, no execute after compensate."""
+        twice: list[str] = []
+        late: list[str] = []
+        for name in PARTICIPANTS:
+            path = self.work_dir / "db" / f"{name}.db"
+            if not path.exists():
+                continue
+            db = sqlite3.connect(path)
+            try:
+                rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+                tables = {r[0] for r in rows}
+                if "journal" not in tables:
+                    continue
+                cols = [r[1] for r in db.execute("PRAGMA table_info(journal)")]
+                self._journal_columns = cols
+            finally:
+                db.close()
+        return [
+            Invariant("no participant applied a step twice", not twice, len(twice), twice[:10]),
+            Invariant("no execute applied after its compensation", not late, len(late), late[:10]),
+        ]
