@@ -120,17 +120,17 @@ def _run(ctx: Context, topics: Topics, definitions: DefinitionSet) -> dict[str, 
     )
     manager = Manager(settings, codec=ctx.codec)
     timing: dict[str, float] = {}
-    replay = manager._replay
+    replay = manager._replay_many
 
-    def timed_replay(p: int) -> PartitionFold:
+    def timed_replay(partitions: list[int]) -> dict[int, PartitionFold]:
         t0 = time.perf_counter()
-        result = replay(p)
+        result = replay(partitions)
         timing["replay_s"] = time.perf_counter() - t0
-        timing["applied"] = result.applied
-        timing["rejected"] = result.rejected_count
+        timing["applied"] = result[PARTITION].applied
+        timing["rejected"] = result[PARTITION].rejected_count
         return result
 
-    manager._replay = timed_replay  # type: ignore[method-assign]
+    manager._replay_many = timed_replay  # type: ignore[method-assign]
     try:
         started = time.perf_counter()
         manager._take_over(PARTITION)

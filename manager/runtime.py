@@ -430,9 +430,6 @@ class Manager:
                 log.warning("log partition %d offset %d rejected on replay: %s", p, offset, reason)
         return folds
 
-    def _replay(self, p: int) -> PartitionFold:
-        return self._replay_many([p])[p]
-
     def _release(self, p: int) -> None:
         owned = self.owned.pop(p, None)
         if owned is None:

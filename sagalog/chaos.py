@@ -62,6 +62,8 @@ class ChaosSettings:
     settle_timeout_s: float = 120.0
     #: A query (read-model catch-up) must answer within this long, whatever the managers do.
     query_bound_s: float = 10.0
+    #: Every takeover (fence, replay, claim) must finish within this long once granted.
+    takeover_bound_s: float = 10.0
     bootstrap: str | None = None
     work_dir: Path | None = None
 
@@ -350,6 +352,8 @@ class Chaos:
         for child in self.managers.values():
             for m in _TAKEOVER.finditer(child.log_path.read_text(errors="replace")):
                 report.takeovers_ms.append(int(m.group(3)))
+        slow_takeovers = [f"{ms} ms" for ms in report.takeovers_ms if ms > s.takeover_bound_s * 1000]
+        report.invariants.append(Invariant(f"every takeover finished within {s.takeover_bound_s:g}s", not slow_takeovers, len(slow_takeovers), slow_takeovers[:5]))
         report.query_seconds_max = max(self.query_seconds, default=0.0)
         slow = [f"{q:.1f}s" for q in self.query_seconds if q > s.query_bound_s]
         report.invariants.append(Invariant("queries answered throughout", not self.query_errors, len(self.query_errors), self.query_errors[:3]))
@@ -358,24 +362,43 @@ class Chaos:
         return report
 
     def _check_participants(self, planned: dict[str, PlannedSaga], states: dict[str, str]) -> list[Invariant]:
-        """Read each participant's journal on its own: no double effect, no execute after compensate."""
-        twice: list[str] = []
+        """Each participant's SQLite file, read with plain SQL: its books hold exactly the effects of
+        completed sagas (each taken once), and no execute took effect after its compensation."""
+        unbalanced: list[str] = []
+        wrong_holds: list[str] = []
         late: list[str] = []
         for name in PARTICIPANTS:
             path = self.work_dir / "db" / f"{name}.db"
+            expected = {
+                sid: effect
+                for sid, saga in planned.items()
+                if states.get(sid) == "COMPLETED" and (effect := saga.effect(name)) is not None
+            }
             if not path.exists():
+                wrong_holds.extend(f"{name}:{sid} (no database)" for sid in sorted(expected)[:3])
                 continue
-            db = sqlite3.connect(path)
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
-                rows = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
-                tables = {r[0] for r in rows}
-                if "journal" not in tables:
-                    continue
-                cols = [r[1] for r in db.execute("PRAGMA table_info(journal)")]
-                self._journal_columns = cols
+                holds = {sid: (item, qty) for sid, item, qty in db.execute("SELECT saga_id, item, quantity FROM inventory_holds")}
+                held: Counter[str] = Counter()
+                for item, qty in holds.values():
+                    held[item] += qty
+                for item, capacity, available in db.execute("SELECT item, capacity, available FROM inventory_items"):
+                    if capacity - available != held[item]:
+                        unbalanced.append(f"{name}:{item} taken {capacity - available}, held {held[item]}")
+                for sid in sorted(set(holds) ^ set(expected)):
+                    wrong_holds.append(f"{name}:{sid} ({'hold of a saga that did not complete' if sid in holds else 'completed without a hold'})")
+                wrong_holds.extend(f"{name}:{sid} (size)" for sid in sorted(set(holds) & set(expected)) if holds[sid] != expected[sid])
+                rows = db.execute(
+                    "SELECT e.saga_id, e.step FROM saga_journal e JOIN saga_journal c "
+                    "ON c.saga_id = e.saga_id AND c.step = e.step AND c.action = 'COMPENSATE' "
+                    "WHERE e.action = 'EXECUTE' AND e.outcome = 'SUCCESS' AND e.recorded_ms > c.recorded_ms"
+                )
+                late.extend(f"{name}:{sid}/{step}" for sid, step in rows)
             finally:
                 db.close()
         return [
-            Invariant("no participant applied a step twice", not twice, len(twice), twice[:10]),
-            Invariant("no execute applied after its compensation", not late, len(late), late[:10]),
+            Invariant("every effect taken exactly once (books balance)", not unbalanced, len(unbalanced), unbalanced[:10]),
+            Invariant("completed sagas hold their effects, aborted ones none", not wrong_holds, len(wrong_holds), wrong_holds[:10]),
+            Invariant("no execute took effect after its compensation", not late, len(late), late[:10]),
         ]

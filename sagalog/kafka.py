@@ -21,6 +21,22 @@ _RDKAFKA_LOG = logging.getLogger("saga.rdkafka")
 # logging (managers, participants) still see them through the root logger.
 _RDKAFKA_LOG.addHandler(logging.NullHandler())
 
+
+class _ExpectedFencing(logging.Filter):
+    """librdkafka reports a fenced transactional producer as CRITICAL 'FATAL'. For a manager it is
+    routine (a takeover fenced the previous owner, who drops or re-checks the partition and says so
+    itself at WARNING), so it is lowered to INFO: operators' alerts stay for real faults."""
+
+    MARKERS = ("fenced by a newer instance", "newer producer with the same transactionalid", "producer_fenced")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO and any(m in record.getMessage().lower() for m in self.MARKERS):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_RDKAFKA_LOG.addFilter(_ExpectedFencing())
+
 #: Client settings passed through from the CLI (``-X key=value``) for SASL/TLS clusters.
 ClientOverrides = Mapping[str, Any]
 

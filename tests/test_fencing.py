@@ -80,3 +80,15 @@ def test_a_fenced_zombie_cannot_write_to_the_log_or_send_commands(bootstrap: str
     # The zombie's first command, and the successor's re-send of the same in-flight command.
     assert {(c.action.value, c.command_id) for c in seen} == {("EXECUTE", "s1/a/execute")}
     assert sorted(c.epoch for c in seen) == [1, 2]
+
+
+def test_librdkafka_reports_expected_fencing_at_info_not_critical(caplog) -> None:
+    import logging
+
+    from sagalog.kafka import _RDKAFKA_LOG
+
+    caplog.set_level(logging.DEBUG, logger=_RDKAFKA_LOG.name)
+    _RDKAFKA_LOG.critical("FATAL [rdkafka#producer-6] Fatal error: Local: This instance has been fenced by a newer instance")
+    _RDKAFKA_LOG.error("ADDPARTS Failed to add partition: Broker: There is a newer producer with the same transactionalId")
+    _RDKAFKA_LOG.error("FAIL [rdkafka#producer-1] Connection refused")
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO", "ERROR"]

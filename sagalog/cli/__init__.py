@@ -21,7 +21,7 @@ def _register() -> None:
     # Each module adds its commands to ``cli``; kept in one list so the CLI reference is easy to find.
     from sagalog.cli import broker, topics  # noqa: F401
 
-    for optional in ("manager", "participant", "query", "demo", "bench"):
+    for optional in ("manager", "participant", "query", "demo", "bench", "chaos"):
         try:
             __import__(f"sagalog.cli.{optional}")
         except ModuleNotFoundError as err:  # a command family not written yet
