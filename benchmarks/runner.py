@@ -8,6 +8,7 @@ also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -26,6 +27,7 @@ from benchmarks import ceiling, memory, query, recovery, replay, report, sagas
 from benchmarks.cluster import Processes
 from benchmarks.common import Context, Progress, loadavg
 from benchmarks.config import PARTS, BenchConfig
+from sagalog.kafka import session_timeout_bounds
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +180,16 @@ def run_bench(
             broker = stack.enter_context(EmbeddedBroker(port=0))
             bootstrap = broker.bootstrap
             broker_pid = broker.pid
+        bounds = session_timeout_bounds(bootstrap)
+        if bounds is not None and bounds[0] > min(config.session_timeout_ms, config.recovery_session_timeout_ms):
+            # A stock Apache Kafka refuses session timeouts below 6 s: measure with its minimum.
+            config = dataclasses.replace(
+                config,
+                session_timeout_ms=max(config.session_timeout_ms, bounds[0]),
+                recovery_session_timeout_ms=max(config.recovery_session_timeout_ms, bounds[0]),
+            )
+            results["bench"]["config"]["session_timeout_ms"] = config.session_timeout_ms
+            results["bench"]["config"]["recovery_session_timeout_ms"] = config.recovery_session_timeout_ms
         procs = stack.enter_context(Processes(logs))
         work = Path(tempfile.mkdtemp(prefix="saga-bench-"))
         stack.callback(shutil.rmtree, work, True)

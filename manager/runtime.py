@@ -2,18 +2,19 @@
 
 One consumer group on the inbox. Owning inbox partition p means owning log partition p:
 
-1. **Take over** (on assignment): create the partition's transactional producer
-   (``transactional.id = <group>.<log topic>.<p>``; ``init_transactions`` fences any previous
-   owner, zombie or not), replay log partition p to its end, claim it with epoch = highest epoch
-   seen + 1, re-send every outstanding command and re-arm every deadline.
+1. **Take over** (after assignment, in the main loop, once the broker confirms the group grants
+   the partition): create the partition's transactional producer (``transactional.id =
+   <group>.<log topic>.<p>``; ``init_transactions`` fences any previous owner, zombie or not),
+   replay log partition p to its end, check the grant again, claim it with epoch = highest epoch
+   seen + 1, re-send every outstanding command and re-arm every deadline. The ownership rules,
+   as a state diagram, are in docs/ARCHITECTURE.md and above ``_on_assign``.
 2. **Work**: each poll's messages are grouped by partition; decisions are made in memory; then per
    partition, ONE transaction carries the log records, the commands, any dead letters and the
    inbox offsets. Write-ahead holds because consumers read ``read_committed``: a command is only
    ever seen together with the log records that decided it.
-3. **Give up** (on revocation/loss, or when fenced): drop the partition's state and producer.
-
-If a transaction fails for any other reason the partition is taken over again from the log, so
-memory never drifts from what the log says.
+3. **Give up** (on revocation/loss): drop the partition's state and producer. A fenced or failed
+   transaction drops the state too, and the partition is taken over again from the log while the
+   group still assigns it: memory never drifts from the log, and only the group ends ownership.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import BrokerError, ConfigError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState, fold_newest
-from sagalog.kafka import consumer_config, producer_config, reader_config, translate
+from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate
 from sagalog.records import (
     CancelSaga,
     DeadLetter,
@@ -195,7 +196,7 @@ class Manager:
                         caught_up.caught_up = True
                     continue
                 mapped = translate(err, "consuming the inbox")
-                if err.fatal():
+                if must_stop(err):
                     raise mapped
                 log.warning("%s", mapped)
                 continue

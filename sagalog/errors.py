@@ -7,6 +7,7 @@
     ├── BrokerError                   Kafka said no (mapped in sagalog.kafka.translate)
     │   ├── BrokerUnavailable         nothing answered at the bootstrap address
     │   ├── TopicMismatch             topics exist with the wrong shape (partitions, cleanup.policy)
+    │   ├── BrokerRefused             a refusal the user must fix (a setting, an ACL): never retried
     │   └── Fenced                    another owner took over: this writer must stop (never retry)
     ├── DecodeError                   bytes that are not one of our records (dead-letter them)
     │   ├── UnknownSchema             fingerprint not in schemas/ (a newer writer, or not ours)
@@ -51,6 +52,11 @@ class BrokerUnavailable(BrokerError):
 
 class TopicMismatch(BrokerError):
     """A topic exists but its partitions or configs break our invariants."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker refuses something only the user can fix (a setting outside its bounds, a missing
+    ACL): retrying would loop forever, so the process stops with the message, which names the fix."""
 
 
 class Fenced(BrokerError):

@@ -13,7 +13,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from sagalog.errors import BrokerError, BrokerUnavailable, Fenced
+from sagalog.errors import BrokerError, BrokerRefused, BrokerUnavailable, Fenced
 
 _RDKAFKA_LOG = logging.getLogger("saga.rdkafka")
 # Without a handler, Python's last-resort handler would print every librdkafka warning to stderr
@@ -51,7 +51,25 @@ _FENCED = {
     KafkaError._FENCED,
     KafkaError.PRODUCER_FENCED,
     KafkaError.INVALID_PRODUCER_EPOCH,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+#: Refusals a user must fix, with the fix. librdkafka reports most of them as non-fatal consumer
+#: errors and retries forever (a manager below the broker's minimum session timeout used to log
+#: "JoinGroup failed" every second for good): they stop the process instead.
+_REFUSED = {
+    KafkaError.INVALID_SESSION_TIMEOUT: (
+        "the broker refuses the consumer group session timeout: it must lie within the broker's "
+        "group.min.session.timeout.ms and group.max.session.timeout.ms (6000 and 1800000 ms on a stock "
+        "Apache Kafka); pass --session-timeout-ms within them"
+    ),
+    KafkaError.GROUP_AUTHORIZATION_FAILED: "not authorized for the consumer group: grant READ on the group (see docs/OPERATIONS.md)",
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "not authorized for a topic: grant the topic ACLs of this role (see docs/OPERATIONS.md)",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: (
+        "not authorized for the transactional id: grant WRITE and DESCRIBE on transactional ids "
+        "'<group>.<log topic>.*' (prefixed) to managers (see docs/OPERATIONS.md)"
+    ),
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "not authorized on the cluster (idempotent writes need IDEMPOTENT_WRITE on older brokers)",
+    KafkaError.SASL_AUTHENTICATION_FAILED: "authentication failed: check the sasl.* settings passed with -X",
+    KafkaError._AUTHENTICATION: "authentication failed: check the sasl.* / ssl.* settings passed with -X",
 }
 
 
@@ -62,6 +80,8 @@ def translate(err: KafkaException | KafkaError, doing: str) -> BrokerError:
         return BrokerError(f"{doing}: {err}")
     code = kerr.code()
     text = f"{doing}: {kerr.str()}"
+    if code in _REFUSED:
+        return BrokerRefused(f"{doing}: {_REFUSED[code]} (broker said: {kerr.str()})")
     if code in _FENCED or (kerr.fatal() and "fenced" in kerr.str().lower()):
         return Fenced(f"{text} (another owner took over; this writer stops)")
     if code in _UNAVAILABLE:
@@ -155,6 +175,11 @@ def reader_config(bootstrap: str, overrides: ClientOverrides | None = None) -> d
     return config
 
 
+def must_stop(err: KafkaError) -> bool:
+    """Is this consumer error one a process must stop on (fatal, or a refusal only the user can fix)?"""
+    return bool(err.fatal()) or err.code() in _REFUSED
+
+
 def admin_client(bootstrap: str, overrides: ClientOverrides | None = None) -> AdminClient:
     return AdminClient(_base(bootstrap, overrides))
 
@@ -170,6 +195,42 @@ def check_reachable(bootstrap: str, timeout_s: float = 5.0, overrides: ClientOve
             f"({err.args[0].str() if err.args else err}); start one with 'saga broker' "
             f"or pass --bootstrap-servers / set SAGA_BOOTSTRAP_SERVERS"
         ) from err
+
+
+def existing_topics(bootstrap: str, overrides: ClientOverrides | None = None, timeout_s: float = 10.0) -> set[str]:
+    """Names of every topic (never a metadata request naming one topic: some brokers create it)."""
+    try:
+        return set(admin_client(bootstrap, overrides).list_topics(timeout=timeout_s).topics)
+    except KafkaException as err:
+        raise translate(err, f"listing topics at {bootstrap}") from err
+
+
+def session_timeout_bounds(bootstrap: str, overrides: ClientOverrides | None = None) -> tuple[int, int] | None:
+    """The broker's (group.min.session.timeout.ms, group.max.session.timeout.ms), or None when it
+    does not describe its configs (the embedded broker, or an ACL that forbids it)."""
+    from confluent_kafka.admin import ConfigResource
+
+    admin = admin_client(bootstrap, overrides)
+    try:
+        brokers = admin.list_topics(timeout=10).brokers
+        resource = ConfigResource(ConfigResource.Type.BROKER, str(next(iter(brokers))))
+        configs = next(iter(admin.describe_configs([resource], request_timeout=5).values())).result()
+        return int(configs["group.min.session.timeout.ms"].value), int(configs["group.max.session.timeout.ms"].value)
+    except (KafkaException, StopIteration, KeyError, ValueError, TypeError):
+        return None
+
+
+def check_session_timeout(bootstrap: str, session_timeout_ms: int, overrides: ClientOverrides | None = None) -> None:
+    """Refuse, before joining any group, a session timeout outside the broker's bounds (brokers that
+    do not tell their bounds skip the check; the group's own refusal then stops the process)."""
+    from sagalog.errors import ConfigError
+
+    bounds = session_timeout_bounds(bootstrap, overrides)
+    if bounds is not None and not bounds[0] <= session_timeout_ms <= bounds[1]:
+        raise ConfigError(
+            f"--session-timeout-ms {session_timeout_ms} is outside what the broker at {bootstrap} accepts: "
+            f"{bounds[0]}..{bounds[1]} ms (its group.min/max.session.timeout.ms); pass a value within them"
+        )
 
 
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:

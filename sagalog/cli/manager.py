@@ -63,13 +63,14 @@ def manager_command(
     from manager.runtime import Manager, ManagerSettings
     from sagalog.config import Topics
     from sagalog.definition import DefinitionSet
-    from sagalog.kafka import check_reachable, parse_overrides
+    from sagalog.kafka import check_reachable, check_session_timeout, parse_overrides
     from sagalog.topics import ensure_topics
 
     overrides = parse_overrides(client_settings)
     defs = DefinitionSet.load(list(definitions) or default_definitions())
     topics = Topics(prefix=topic_prefix)
     check_reachable(bootstrap_servers, 10.0, overrides)
+    check_session_timeout(bootstrap_servers, session_timeout_ms, overrides)
     report = ensure_topics(bootstrap_servers, topics, partitions=partitions, participants=defs.participants(), overrides=overrides)
     settings = ManagerSettings(
         bootstrap=bootstrap_servers,
