@@ -32,6 +32,9 @@ What the SDK guarantees, and how (see ``docs/CONTRACT.md`` for the wire side):
   deleted once acknowledged, and rows left behind by a crash are sent at the next start.
   Since the command offsets live in the same database, a participant killed between its
   commit and the publish sends each reply once after restart and never re-runs the command.
+  For demos and tests, ``reply_hold_s`` makes the relay hold each new reply for a random
+  time before sending it: a service whose work takes that long, pipelined (see
+  :class:`Participant`).
 * **Bad input never stops it.** Undecodable commands, and commands for steps it has no
   handler for, go to the dead-letter topic with the reason.
 
@@ -45,6 +48,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -191,16 +195,39 @@ class OutboxRelay:
     them in its next transaction (no commit of their own). A row that fails with a retriable
     error is sent again with backoff; one that can never be delivered (e.g. a reply partition
     that does not exist) is replaced by a dead letter that carries it.
+
+    ``hold_s=(lo, hi)`` (a simulation knob for demos and tests) holds each newly published row,
+    dead letters excepted, for a delay drawn uniformly from ``[lo, hi]`` seconds before its
+    first send. The row is already committed in the outbox, so a crash during the hold loses
+    nothing: it is published at the next start, without a new hold. :meth:`flush` (on stop)
+    sends held rows at once.
     """
 
-    def __init__(self, producer: Producer, *, codec: Codec, dead_letters: str, component: str) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        *,
+        codec: Codec,
+        dead_letters: str,
+        component: str,
+        hold_s: tuple[float, float] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self._producer = producer
         self._codec = codec
         self._dead_letters = dead_letters
         self._component = component
         self._flights: dict[int, _Flight] = {}
         self._delivered: list[int] = []
-        self._retries: list[tuple[float, int]] = []  # heap of (due, row id)
+        self._retries: list[tuple[float, int]] = []  # heap of (due, row id): backoffs and holds
+        self._hold_s = _check_hold(hold_s)
+        self._rng = rng or random.Random()
+        self._held: set[int] = set()  # row ids in _retries for their hold, not for a backoff
+
+    @property
+    def held(self) -> int:
+        """Rows committed and waiting out their hold (not sent yet)."""
+        return len(self._held)
 
     @property
     def in_flight(self) -> int:
@@ -210,19 +237,43 @@ class OutboxRelay:
         """Smallest unacknowledged row id (rows are kept in publish order; ids only grow)."""
         return next(iter(self._flights), None)
 
-    def publish(self, rows: list[OutboxRow]) -> None:
+    def publish(self, rows: list[OutboxRow], *, hold: bool = True) -> None:
+        """Send committed rows (after their hold, when the relay has one and ``hold`` is true)."""
+        now = time.monotonic()
         for row in rows:
             if row.id in self._flights:  # already on its way (startup re-publish after a quick restart)
                 continue
             self._flights[row.id] = _Flight(row)
-            self._send(row.id)
+            if hold and self._hold_s is not None and row.topic != self._dead_letters:
+                self._held.add(row.id)
+                heapq.heappush(self._retries, (now + self._rng.uniform(*self._hold_s), row.id))
+            else:
+                self._send(row.id)
 
     def service(self) -> None:
-        """Serve delivery reports and resend rows whose backoff has passed."""
+        """Serve delivery reports and send rows whose backoff or hold has passed."""
         self._producer.poll(0)
         now = time.monotonic()
         while self._retries and self._retries[0][0] <= now:
             _, row_id = heapq.heappop(self._retries)
+            self._held.discard(row_id)
+            if row_id in self._flights:
+                self._send(row_id)
+
+    def next_due_s(self) -> float | None:
+        """Seconds until the next held or backed-off row is due (0 if overdue), None if none."""
+        if not self._retries:
+            return None
+        return max(0.0, self._retries[0][0] - time.monotonic())
+
+    def release_held(self) -> None:
+        """Send every held row now (stopping: the simulated work is cut short, the reply is not)."""
+        if not self._held:
+            return
+        held, self._held = self._held, set()
+        self._retries = [(due, row_id) for due, row_id in self._retries if row_id not in held]
+        heapq.heapify(self._retries)
+        for row_id in sorted(held):
             if row_id in self._flights:
                 self._send(row_id)
 
@@ -236,6 +287,7 @@ class OutboxRelay:
 
     def flush(self, timeout_s: float) -> int:
         """Wait for outstanding deliveries; return how many rows are still unacknowledged."""
+        self.release_held()
         deadline = time.monotonic() + timeout_s
         while self._flights and time.monotonic() < deadline:
             self._producer.flush(max(0.0, min(0.5, deadline - time.monotonic())))
@@ -359,6 +411,13 @@ class Participant:
     Several instances of one participant may run at once (they share the consumer group); they
     must share the store too (one SQLite file on one host, or a shared database), because a
     rebalance moves a saga's partition, and with it the saga's journal, between instances.
+
+    ``reply_hold_s=(lo, hi)`` is a simulation knob for demos and tests, not for production: it
+    models a service whose work takes ``lo``..``hi`` seconds (uniformly drawn per reply) but is
+    pipelined. Handlers still run at once and their batch commits as usual; only the relay
+    holds each new reply that long before sending it, so many commands can be "in progress"
+    at once and throughput is not capped the way sleeping in a handler would cap it. A held
+    reply is already durable in the outbox (sent at the next start after a crash).
     """
 
     def __init__(
@@ -374,6 +433,7 @@ class Participant:
         poll_timeout_s: float = 0.2,
         codec: Codec | None = None,
         crash_after_commit: bool | None = None,
+        reply_hold_s: tuple[float, float] | None = None,
     ) -> None:
         if not name or ANY_STEP in name:
             raise ConfigError(f"participant name {name!r} is not valid")
@@ -394,6 +454,7 @@ class Participant:
         self._crash_after_commit = (
             os.environ.get(CRASH_AFTER_COMMIT_ENV) == "1" if crash_after_commit is None else crash_after_commit
         )
+        self._reply_hold_s = _check_hold(reply_hold_s)
         self._component = f"participant:{name}@{socket.gethostname()}:{os.getpid()}"
         self._handlers: dict[tuple[str | None, str], _StepHandlers] = {}
         self._stopping = threading.Event()
@@ -484,13 +545,18 @@ class Participant:
             logger=_kafka_log,
         )
         self._relay = OutboxRelay(
-            producer, codec=self._codec, dead_letters=self.topics.dead_letters, component=self._component
+            producer,
+            codec=self._codec,
+            dead_letters=self.topics.dead_letters,
+            component=self._component,
+            hold_s=self._reply_hold_s,
+            rng=random.Random(self.name),  # a reproducible sequence of holds per participant
         )
         if self.store is not None:
             leftovers = self.store.pending()
             if leftovers:
                 _log.info("%s: publishing %d messages committed before the last stop", self.name, len(leftovers))
-                self._relay.publish(leftovers)
+                self._relay.publish(leftovers, hold=False)  # their hold, if any, passed while we were down
         config = consumer_config(
             self.bootstrap,
             self.group_id,
@@ -510,7 +576,11 @@ class Participant:
         Returns how many commands were processed (0 on an idle poll or a failed batch).
         """
         consumer, relay = self._require_started()
-        messages = self._consume(consumer, self._poll_timeout_s if timeout_s is None else timeout_s)
+        timeout_s = self._poll_timeout_s if timeout_s is None else timeout_s
+        due_s = relay.next_due_s()
+        if due_s is not None:  # a held reply or a retry falls due sooner: do not sleep past it
+            timeout_s = min(timeout_s, due_s)
+        messages = self._consume(consumer, timeout_s)
         processed = self._process(messages) if messages else 0
         relay.service()
         if not messages:  # idle: no batch transaction to carry the deletion of acknowledged rows
@@ -895,3 +965,13 @@ def _where(msg: Message) -> tuple[int, int]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _check_hold(hold_s: tuple[float, float] | None) -> tuple[float, float] | None:
+    """A valid ``(lo, hi)`` hold in seconds, or None for no hold (also for ``(0, 0)``)."""
+    if hold_s is None:
+        return None
+    lo, hi = (float(x) for x in hold_s)
+    if not 0.0 <= lo <= hi:
+        raise ConfigError(f"a reply hold needs 0 <= lo <= hi seconds, not {hold_s!r}")
+    return None if hi == 0.0 else (lo, hi)

@@ -6,16 +6,25 @@ What it does, in order:
    topics: the log, the inbox, the dead letters and one command topic per example participant;
 2. starts the example participants (flights, hotels, cars, credit, payments) as one process and
    N manager replicas as N processes (``python -m sagalog.cli ...``, real OS processes), and waits
-   until the managers have claimed every log partition and the participants have joined;
+   until the managers have claimed every log partition and the participants have joined. Each
+   step takes ``--step-time-ms`` (100-500 ms by default, pipelined: the participants' outbox
+   relay holds each reply that long), so a few sagas are always in flight on every manager;
 3. starts a mix of ``book-trip`` and ``place-order`` sagas at a steady rate; cars and payments
    refuse ``--failure-rate`` of them (and a few orders use an expired card), so those abort and
    compensate;
-4. once ``--kill-after`` of the sagas have been started, SIGKILLs the manager that owns the most
-   partitions, watches the log until other managers claim its partitions and its sagas move
-   again, then restarts it;
-5. waits until every saga is terminal, stops everything it started and checks: every saga
+4. once ``--kill-after`` of the sagas have been started, SIGKILLs the manager with the most sagas
+   in flight (waiting, still starting sagas, until one has some), watches the log until other
+   managers claim its partitions and its sagas move again, reads from the new owners' logs how
+   many of its sagas each one resumed, then restarts it;
+5. the zombie (unless ``--no-zombie``): the last sagas are held back until the restarted manager
+   is back; then, with them going out, another manager with sagas in flight is SIGSTOPped for the
+   session timeout + 3 s. The others claim its partitions and resume its sagas while it is
+   frozen; after SIGCONT it wakes up believing it still owns them, is fenced (nothing it writes
+   with its old epoch is accepted), and rejoins the group;
+6. waits until every saga is terminal, stops everything it started and checks: every saga
    terminal, none lost, every participant's books balanced, with exactly one hold per completed
-   saga of the right size and nothing left behind by aborted ones, every manager still alive.
+   saga of the right size and nothing left behind by aborted ones, every manager still alive, and
+   the zombie fenced and back.
 
 Progress (counts by state, which manager owns which partitions, elapsed time) is read from the
 saga log through the read model, like ``saga status`` does: the demo asks no manager anything.
@@ -29,6 +38,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,6 +75,20 @@ CARS = ("compact", "estate", "van")
 CUSTOMERS = tuple(f"c-{i}" for i in range(1, 9))
 #: Share of orders paid with an expired card: always declined (the outbox article's example).
 EXPIRED_CARD_SHARE = 0.03
+#: Share of the sagas after the kill held back until the zombie act (they go out while it is frozen).
+ZOMBIE_RESERVE_SHARE = 0.4
+#: How long the zombie stays frozen beyond the session timeout.
+ZOMBIE_EXTRA_S = 3.0
+#: How long the demo waits, after SIGCONT, for the zombie to own partitions again. Frozen in the
+#: middle of a transaction commit, it first sits out that commit's timeout (30 s) before it notices.
+ZOMBIE_REJOIN_WAIT_S = 50.0
+#: A manager's WARNING/ERROR log line: the message after the level.
+LOG_PROBLEM = re.compile(r"^\S+ \S+ \S+ (?:WARNING|ERROR) (?P<message>.*)$", re.MULTILINE)
+#: A manager's takeover line (manager/runtime.py), read from the managers' log files.
+TAKEOVER_LINE = re.compile(
+    r"took over partition (?P<partition>\d+) at epoch (?P<epoch>\d+): (?P<rebuilt>\d+) sagas rebuilt, "
+    r"(?P<resumed>\d+) live resumed"
+)
 
 
 class Interrupted(SagaError):
@@ -87,6 +111,9 @@ class DemoSettings:
     keep: bool = False
     seed: int = 7
     stay: bool = False
+    #: How long each participant step takes (ms, uniformly drawn), None = at once.
+    step_time_ms: tuple[int, int] | None = (100, 500)
+    zombie: bool = True  # SIGSTOP a second manager after the kill/restart story
 
     def validate(self) -> None:
         if self.sagas < 1:
@@ -106,6 +133,19 @@ class DemoSettings:
             )
         if self.rate <= 0:
             raise ConfigError(f"--rate must be positive, not {self.rate}")
+        if self.step_time_ms is not None and not 0 <= self.step_time_ms[0] <= self.step_time_ms[1]:
+            raise ConfigError(f"--step-time-ms must be LO-HI with 0 <= LO <= HI, not {self.step_time_ms}")
+
+    @property
+    def kill_at(self) -> int:
+        """How many sagas are started before the kill (it may wait for sagas in flight)."""
+        return max(1, round(self.kill_after * self.sagas)) if self.kill_after > 0 else 0
+
+    @property
+    def zombie_reserve(self) -> int:
+        """Sagas held back until the zombie act: they go out just before and while it is frozen."""
+        rest = self.sagas - self.kill_at
+        return max(1, round(ZOMBIE_RESERVE_SHARE * rest)) if self.zombie and rest >= 2 else 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +208,7 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     killed: bool = False
+    frozen: bool = False
     _log: IO[bytes] | None = None
 
     def start(self) -> Child:
@@ -202,7 +243,35 @@ class Child:
             self.proc.wait()
         self.killed = True
 
+    def freeze(self) -> None:
+        """SIGSTOP: alive but silent (no heartbeat, no write), like a long GC pause or a VM stall."""
+        if self.alive:
+            os.kill(self.pid, signal.SIGSTOP)
+            self.frozen = True
+
+    def thaw(self) -> None:
+        """SIGCONT: it carries on where it stopped, unaware of the time that passed."""
+        if self.frozen and self.alive:
+            os.kill(self.pid, signal.SIGCONT)
+        self.frozen = False
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def stop(self, grace_s: float = 10.0) -> int | None:
+        if self.frozen:
+            self.thaw()  # a stopped process would not act on SIGTERM
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -238,16 +307,56 @@ class Takeover:
     victim_pid: int = 0
     killed_at_s: float | None = None
     partitions: list[int] = field(default_factory=list)
-    in_flight: int = 0
+    in_flight: int = 0  # its unfinished sagas at the kill (read model)
     #: Start requests sent to its partitions between the kill and the takeover (they had to wait).
     waited: int = 0
     claimed_after_s: float | None = None
     progress_after_s: float | None = None
     nothing_to_resume: bool = False  # its partitions held no unfinished saga once taken over
     new_owners: dict[int, str] = field(default_factory=dict)
+    #: Live sagas each new owner resumed, per partition and per manager (from their takeover lines).
+    resumed_on: dict[int, int] = field(default_factory=dict)
+    resumed: dict[str, int] = field(default_factory=dict)
     restarted_at_s: float | None = None
     rejoined_after_s: float | None = None
     rejoined_partitions: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Zombie:
+    """The second act: a manager frozen with SIGSTOP (alive, silent), then woken with SIGCONT."""
+
+    enabled: bool = True
+    held_back: int = 0  # sagas kept for this act
+    released_at_s: float | None = None
+    name: str = ""
+    pid: int = 0
+    frozen_at_s: float | None = None
+    partitions: list[int] = field(default_factory=list)
+    in_flight: int = 0
+    waited: int = 0  # sagas started on its partitions while it was frozen, before the others claimed them
+    claimed_after_s: float | None = None  # since the SIGSTOP
+    claimed_while_frozen: bool = False
+    new_owners: dict[int, str] = field(default_factory=dict)
+    resumed_on: dict[int, int] = field(default_factory=dict)
+    resumed: dict[str, int] = field(default_factory=dict)
+    progress_after_s: float | None = None  # since the SIGSTOP
+    nothing_to_resume: bool = False
+    continued_at_s: float | None = None
+    frozen_for_s: float | None = None
+    alive_after: bool | None = None
+    rejoined_after_s: float | None = None  # since the SIGCONT
+    rejoined_partitions: list[int] = field(default_factory=list)
+    #: What it wrote after waking with its old epoch, as the read model's fold saw it.
+    stale_rejected: int = 0
+    stale_accepted: int = 0
+    #: Its own log after waking: lines where it learned it was fenced / deferred a takeover, and
+    #: the first warnings and errors it logged (how it found out it no longer owned anything).
+    fenced_lines: int = 0
+    deferred_lines: int = 0
+    noticed_after_s: float | None = None  # since the SIGCONT: its first warning or error
+    woke_log: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the act did not happen
 
 
 @dataclass
@@ -260,6 +369,7 @@ class DemoReport:
     duration_s: float = 0.0
     latency_ms: dict[str, int] = field(default_factory=dict)
     takeover: Takeover = field(default_factory=Takeover)
+    zombie: Zombie = field(default_factory=Zombie)
     checks: list[Check] = field(default_factory=list)
     dead_letters: int | None = None
     #: Every process the demo started (name -> pids), all stopped when it returns.
@@ -307,6 +417,19 @@ class Demo:
         self.sent_ms: dict[str, int] = {}
         self.events: list[str] = []
         self.takeover = Takeover()
+        self.zombie = Zombie(enabled=settings.zombie, held_back=settings.zombie_reserve)
+        self._kill_wait_logged = False
+        self._holding_logged = False
+        # The start pace: sagas due = base + rate * (now - origin); reset when held-back sagas go out.
+        self._pace_origin = self.t0
+        self._pace_base = 0
+        self._epochs_at_kill: dict[int, int] = {}
+        self._kill_wall_ms = 0
+        self._zombie_owner = ""
+        self._epochs_at_freeze: dict[int, int] = {}
+        self._freeze_wall_ms = 0
+        self._wake_wall_ms = 0
+        self._wake_log_offset = 0
         self.unexpected_exits: list[str] = []
         self.model: Any = None
         self._admin: Any = None
@@ -382,6 +505,7 @@ class Demo:
                 "participant", "run", *PARTICIPANTS,
                 "--db-dir", str(self.work_dir / "db"),
                 "--failure-rate", str(s.failure_rate),
+                "--step-time-ms", f"{s.step_time_ms[0]}-{s.step_time_ms[1]}" if s.step_time_ms else "0",
                 "--bootstrap-servers", self.bootstrap,
                 "--topic-prefix", self.topics.prefix,
                 "--session-timeout-ms", str(s.session_timeout_ms),
@@ -459,7 +583,8 @@ class Demo:
                     self.event(f"[warning] {line}; last output:\n{child.tail()}")
 
     def _drive(self) -> None:
-        """Start sagas at the rate, kill and restart a manager, until every saga is terminal."""
+        """Start sagas at the rate, kill and restart a manager, freeze and wake another, until every
+        saga is terminal and the story is told."""
         from confluent_kafka import Producer
 
         from sagalog.codec import Codec
@@ -469,12 +594,16 @@ class Demo:
         s = self.settings
         codec = Codec()
         producer = Producer(producer_config(self.bootstrap))
-        kill_at = max(1, round(s.kill_after * s.sagas)) if s.kill_after > 0 else 0
+        kill_at = s.kill_at
         self.sagas_t0 = time.monotonic()
+        self._pace_origin, self._pace_base = self.sagas_t0, 0
         deadline = self.sagas_t0 + s.timeout_s
+        step = f"{s.step_time_ms[0]}-{s.step_time_ms[1]} ms" if s.step_time_ms else "no time"
         self.event(
-            f"starting {s.sagas} sagas at {s.rate:g}/s; SIGKILL of the busiest manager after {kill_at} "
-            f"(failure rate {s.failure_rate:g})"
+            f"starting {s.sagas} sagas at {s.rate:g}/s, steps taking {step}; SIGKILL of the manager with the "
+            f"most sagas in flight after {kill_at}"
+            + (f", then a frozen zombie with the last {self.zombie.held_back}" if s.zombie else "")
+            + f" (failure rate {s.failure_rate:g})"
         )
         next_refresh = 0.0
         all_started_logged = False
@@ -482,7 +611,7 @@ class Demo:
         with display as live:
             while True:
                 now = time.monotonic()
-                due = min(s.sagas, int((now - self.sagas_t0) * s.rate) + 1)
+                due = min(self._start_cap(), self._pace_base + int((now - self._pace_origin) * s.rate) + 1)
                 while self.started < due:
                     saga = self.plan[self.started]
                     request = StartSaga(
@@ -506,6 +635,7 @@ class Demo:
                     if self.takeover.killed_at_s is None and self.started >= kill_at:
                         self._kill_busiest()
                     self._follow_takeover()
+                    self._follow_zombie()
                     counts = self._counts()
                     if live is not None:
                         live.update(self._render(counts))
@@ -513,16 +643,35 @@ class Demo:
                         self._last_print = now
                         self.console.print(escape(self._summary_line(counts)))
                     terminal = counts[SagaStatus.COMPLETED] + counts[SagaStatus.ABORTED]
-                    if terminal >= s.sagas and self.started == s.sagas and self._takeover_settled():
+                    if (
+                        terminal >= s.sagas
+                        and self.started == s.sagas
+                        and self._takeover_settled()
+                        and self._zombie_settled()
+                    ):
                         break
                     if now > deadline:
                         self.event(f"[warning] gave up waiting after {s.timeout_s:g} s (--timeout)")
                         break
                 time.sleep(self.TICK_S)  # the pace of the start rate and the display
         producer.flush(10)
+        for m in self.managers:
+            m.thaw()  # never leave a frozen manager behind (a timeout mid-act)
         counts = self._counts()
         done = counts[SagaStatus.COMPLETED] + counts[SagaStatus.ABORTED] == s.sagas
         self.event(f"{'all sagas terminal' if done else 'stopped waiting'}: {self._summary_line(counts)}")
+
+    def _start_cap(self) -> int:
+        """How many sagas may be started by now: all, except the zombie's reserve, which waits after
+        the kill until the restarted manager is back (the kill itself never waits for the cap)."""
+        z = self.zombie
+        if not z.held_back or z.released_at_s is not None or self.takeover.killed_at_s is None:
+            return self.settings.sagas
+        cap = self.settings.sagas - z.held_back
+        if self.started >= cap and not self._holding_logged:
+            self._holding_logged = True
+            self.event(f"holding back the last {z.held_back} sagas for the zombie until {self.takeover.victim} is back")
+        return cap
 
     def _unfinished_on(self, partition: int) -> bool:
         """Does any saga of this run on ``partition`` still have work: unfinished, or not begun yet?"""
@@ -551,29 +700,88 @@ class Demo:
             return False
         return t.rejoined_after_s is not None or self.elapsed() - t.restarted_at_s > 20
 
-    def _kill_busiest(self) -> None:
-        self.model.catch_up()  # who owns what, and what is in flight, as of now
-        claims = self.model.claims()
+    def _owned_by(self, claims: dict[int, Any]) -> dict[Child, list[int]]:
+        """Partitions each live manager owns according to the newest claims on the log."""
         by_manager: dict[Child, list[int]] = {m: [] for m in self.managers if m.alive}
-        if not by_manager:
-            raise SagaError(f"no manager is alive to be killed; logs in {self.work_dir}")
         pids = {str(m.pid): m for m in by_manager}
-        for p, claim in claims.items():
+        for p, claim in sorted(claims.items()):
             child = pids.get(claim.owner.rsplit("-", 1)[-1])
             if child is not None:
                 by_manager[child].append(p)
-        victim = max(by_manager, key=lambda m: (len(by_manager[m]), m.name))
+        return by_manager
+
+    def _kill_busiest(self) -> None:
+        """SIGKILL the manager with the most sagas in flight; with none in flight anywhere, wait
+        (sagas keep being started) unless every saga has been started already."""
+        self.model.catch_up()  # who owns what, and what is in flight, as of now
+        claims = self.model.claims()
+        by_manager = self._owned_by(claims)
+        if not by_manager:
+            raise SagaError(f"no manager is alive to be killed; logs in {self.work_dir}")
+        in_flight = {m: self.model.live_count(parts) for m, parts in by_manager.items()}
+        victim = max(by_manager, key=lambda m: (in_flight[m], len(by_manager[m]), m.name))
+        if in_flight[victim] == 0 and self.started < self.settings.sagas:
+            if not self._kill_wait_logged:
+                self._kill_wait_logged = True
+                self.event("no manager has a saga in flight yet: the SIGKILL waits, sagas keep going out")
+            return
         partitions = sorted(by_manager[victim])
         t = self.takeover
         t.victim, t.victim_pid, t.partitions = victim.name, victim.pid, partitions
-        t.in_flight = self.model.live_count(partitions)
+        t.in_flight = in_flight[victim]
         self._epochs_at_kill = {p: claims[p].epoch for p in partitions}
         self._kill_wall_ms = int(time.time() * 1000)
         victim.kill()
         t.killed_at_s = self.elapsed()
+        others = ", ".join(f"{m.name} {in_flight[m]}" for m in sorted(by_manager, key=lambda m: m.name) if m is not victim)
         self.event(
             f"SIGKILL {victim.name} (pid {victim.pid}), owner of partitions "
-            f"{', '.join(map(str, partitions)) or 'none'} with {t.in_flight} sagas in flight"
+            f"{', '.join(map(str, partitions)) or 'none'} with {t.in_flight} sagas in flight (the most; {others})"
+        )
+
+    def _takeover_lines(self) -> list[tuple[str, int, int, int]]:
+        """Every takeover the managers logged: (manager name, partition, epoch, live sagas resumed)."""
+        found: list[tuple[str, int, int, int]] = []
+        for m in self.managers:
+            for match in TAKEOVER_LINE.finditer(m.log_since(0)):
+                found.append((m.name, int(match["partition"]), int(match["epoch"]), int(match["resumed"])))
+        return found
+
+    def _resumed(self, epochs: dict[int, int]) -> dict[int, tuple[str, int]]:
+        """For each partition, the first takeover above ``epochs[p]``: (by whom, live sagas resumed)."""
+        first: dict[int, tuple[int, str, int]] = {}
+        for name, p, epoch, resumed in self._takeover_lines():
+            if p in epochs and epoch > epochs[p] and (p not in first or epoch < first[p][0]):
+                first[p] = (epoch, name, resumed)
+        return {p: (name, resumed) for p, (_, name, resumed) in first.items()}
+
+    def _fill_resumed(self, target: Takeover | Zombie, epochs: dict[int, int]) -> None:
+        for p, (_name, resumed) in self._resumed(epochs).items():
+            target.resumed_on[p] = resumed
+        by: Counter[str] = Counter()
+        for p, n in target.resumed_on.items():
+            by[target.new_owners.get(p, "?")] += n
+        target.resumed = dict(sorted(by.items()))
+
+    def _progress(self, partitions: list[int], epochs: dict[int, int], since_ms: int) -> int | None | bool:
+        """When records of a newer epoch first appeared on all these partitions (wall ms), False when
+        none had anything left to do, None while sagas there still wait for their new owner."""
+        firsts: list[int] = []
+        for p in partitions:
+            first = self.model.first_record_ms(p, after_epoch=epochs[p], since_ms=since_ms)
+            if first is not None:
+                firsts.append(first)
+            elif self._unfinished_on(p):
+                return None
+        return max(firsts) if firsts else False
+
+    def _sent_to(self, partitions: list[int], from_ms: int, to_ms: int) -> int:
+        from sagalog.readmodel import partition_for
+
+        return sum(
+            1
+            for sid, sent in self.sent_ms.items()
+            if from_ms <= sent <= to_ms and partition_for(sid.encode(), self.settings.partitions) in partitions
         )
 
     def _follow_takeover(self) -> None:
@@ -598,36 +806,26 @@ class Demo:
                 p: claims[p] for p in t.partitions if p in claims and claims[p].epoch > self._epochs_at_kill[p]
             }
             if len(taken) == len(t.partitions):
-                from sagalog.readmodel import partition_for
-
                 t.new_owners = {p: self._owner_name(c.owner) for p, c in taken.items()}
                 claimed_ms = max(c.claimed_ms for c in taken.values())
                 t.claimed_after_s = (claimed_ms - self._kill_wall_ms) / 1000
-                t.waited = sum(
-                    1
-                    for sid, sent in self.sent_ms.items()
-                    if self._kill_wall_ms <= sent <= claimed_ms
-                    and partition_for(sid.encode(), self.settings.partitions) in t.partitions
-                )
+                t.waited = self._sent_to(t.partitions, self._kill_wall_ms, claimed_ms)
+                self._fill_resumed(t, self._epochs_at_kill)
                 self.event(
-                    f"partitions {', '.join(map(str, t.partitions))} claimed by "
-                    f"{', '.join(sorted(set(t.new_owners.values())))}, {t.claimed_after_s:.1f} s after the kill "
-                    f"({t.waited} sagas were started on them meanwhile and waited)"
+                    f"partitions {', '.join(map(str, t.partitions))} claimed {t.claimed_after_s:.1f} s after the kill: "
+                    f"{who_resumed(t)} (of {t.in_flight} in flight at the kill; {t.waited} sagas "
+                    f"started on them meanwhile waited)"
                 )
         if t.claimed_after_s is not None and t.progress_after_s is None and not t.nothing_to_resume:
-            firsts: list[int] = []
-            for p in t.partitions:
-                first = self.model.first_record_ms(p, after_epoch=self._epochs_at_kill[p], since_ms=self._kill_wall_ms)
-                if first is not None:
-                    firsts.append(first)
-                elif self._unfinished_on(p):
-                    return  # sagas there still wait for their new owner
-            if firsts:
-                t.progress_after_s = (max(firsts) - self._kill_wall_ms) / 1000
-                self.event(f"sagas on them progressing again {t.progress_after_s:.1f} s after the kill")
-            else:
+            progress = self._progress(t.partitions, self._epochs_at_kill, self._kill_wall_ms)
+            if progress is None:
+                return  # sagas there still wait for their new owner
+            if progress is False:
                 t.nothing_to_resume = True
                 self.event("no saga was left on them to resume")
+            else:
+                t.progress_after_s = (progress - self._kill_wall_ms) / 1000
+                self.event(f"sagas on them progressing again {t.progress_after_s:.1f} s after the kill")
         settled = t.progress_after_s is not None or t.nothing_to_resume or (
             t.claimed_after_s is not None and self.elapsed() - t.killed_at_s > 20
         )
@@ -636,6 +834,176 @@ class Demo:
             self._start_manager(victim)
             t.restarted_at_s = self.elapsed()
             self.event(f"restarted {victim.name} (pid {victim.pid}); the group rebalances around it")
+
+    # -- the zombie ----------------------------------------------------------------------
+
+    def _zombie_settled(self) -> bool:
+        """The zombie act is over: disabled or skipped, or woken and back at work (or has had 20 s)."""
+        z = self.zombie
+        if not z.enabled or z.skipped is not None:
+            return True
+        if z.continued_at_s is None:
+            return False
+        return z.rejoined_after_s is not None or self.elapsed() - z.continued_at_s > ZOMBIE_REJOIN_WAIT_S
+
+    def _follow_zombie(self) -> None:
+        z = self.zombie
+        if not z.enabled or z.skipped is not None or not self._takeover_settled():
+            return
+        if self.takeover.killed_at_s is None:
+            return
+        if z.released_at_s is None:
+            z.released_at_s = self.elapsed()
+            self._pace_origin, self._pace_base = time.monotonic(), self.started
+            if z.held_back:
+                self.event(f"going on: the last {z.held_back} sagas go out now, and a manager with sagas in "
+                           f"flight will freeze")
+            return
+        if z.frozen_at_s is None:
+            self._freeze_zombie()
+        elif z.continued_at_s is None:
+            self._watch_frozen()
+        else:
+            self._watch_woken()
+
+    def _freeze_zombie(self) -> None:
+        z = self.zombie
+        assert z.released_at_s is not None
+        waited = self.elapsed() - z.released_at_s
+        if waited < 0.5:
+            return  # let the released sagas reach the managers first
+        claims = self.model.claims()
+        by_manager = {m: ps for m, ps in self._owned_by(claims).items() if m.name != self.takeover.victim and ps}
+        if not by_manager:
+            if self.started == self.settings.sagas and waited > 20:
+                z.skipped = "no live manager other than the restarted one owned a partition"
+                self.event(f"[warning] no zombie: {z.skipped}")
+            return
+        in_flight = {m: self.model.live_count(ps) for m, ps in by_manager.items()}
+        zombie = max(by_manager, key=lambda m: (in_flight[m], len(by_manager[m]), m.name))
+        if in_flight[zombie] == 0 and not (self.started == self.settings.sagas and waited > 3):
+            return  # wait (sagas keep going out) until one has sagas in flight
+        z.name, z.pid, z.partitions, z.in_flight = zombie.name, zombie.pid, sorted(by_manager[zombie]), in_flight[zombie]
+        self._zombie_owner = claims[z.partitions[0]].owner
+        self._epochs_at_freeze = {p: claims[p].epoch for p in z.partitions}
+        self._freeze_wall_ms = int(time.time() * 1000)
+        zombie.freeze()
+        z.frozen_at_s = self.elapsed()
+        self.event(
+            f"SIGSTOP {zombie.name} (pid {zombie.pid}), owner of partitions {', '.join(map(str, z.partitions))} "
+            f"with {z.in_flight} sagas in flight: frozen, not dead, for the session timeout + {ZOMBIE_EXTRA_S:g} s"
+        )
+
+    def _track_zombie_takeover(self) -> None:
+        """Have the others claimed the zombie's partitions (epochs above its own), and are its sagas
+        moving again? Claims that land after the SIGCONT count too, but not as "while frozen"."""
+        z = self.zombie
+        claims = self.model.claims()
+        if z.claimed_after_s is None:
+            taken = {p: claims[p] for p in z.partitions if p in claims and claims[p].epoch > self._epochs_at_freeze[p]}
+            if len(taken) == len(z.partitions):
+                z.claimed_while_frozen = z.continued_at_s is None
+                z.new_owners = {p: self._owner_name(c.owner) for p, c in taken.items()}
+                claimed_ms = max(c.claimed_ms for c in taken.values())
+                z.claimed_after_s = (claimed_ms - self._freeze_wall_ms) / 1000
+                z.waited = self._sent_to(z.partitions, self._freeze_wall_ms, claimed_ms)
+                self._fill_resumed(z, self._epochs_at_freeze)
+                self.event(
+                    f"partitions {', '.join(map(str, z.partitions))} of the "
+                    f"{'frozen' if z.claimed_while_frozen else 'woken'} {z.name} claimed "
+                    f"{z.claimed_after_s:.1f} s after the SIGSTOP: {who_resumed(z)} (of {z.in_flight} in "
+                    f"flight at the SIGSTOP; {z.waited} sagas started on them meanwhile waited)"
+                )
+        if z.claimed_after_s is not None and z.progress_after_s is None and not z.nothing_to_resume:
+            progress = self._progress(z.partitions, self._epochs_at_freeze, self._freeze_wall_ms)
+            if progress is False:
+                z.nothing_to_resume = True
+                self.event("no saga was left on them to resume")
+            elif progress is not None:
+                z.progress_after_s = (progress - self._freeze_wall_ms) / 1000
+                self.event(f"sagas on them progressing again {z.progress_after_s:.1f} s after the SIGSTOP")
+
+    def _watch_frozen(self) -> None:
+        z = self.zombie
+        assert z.frozen_at_s is not None
+        self._track_zombie_takeover()
+        frozen_s = self.elapsed() - z.frozen_at_s
+        minimum = self.settings.session_timeout_ms / 1000 + ZOMBIE_EXTRA_S
+        # Woken once the minimum passed and the others hold its partitions (up to 15 s more for them
+        # to get there), so that it really wakes up as a zombie.
+        if frozen_s >= minimum and (z.claimed_after_s is not None or frozen_s >= minimum + 15):
+            zombie = next(m for m in self.managers if m.name == z.name)
+            self._wake_log_offset = zombie.log_size()
+            self._wake_wall_ms = int(time.time() * 1000)
+            zombie.thaw()
+            z.continued_at_s = self.elapsed()
+            z.frozen_for_s = round(frozen_s, 1)
+            self.event(
+                f"SIGCONT {z.name} after {frozen_s:.1f} s frozen: it wakes up believing it owns partitions "
+                f"{', '.join(map(str, z.partitions))}"
+                + (", which the others hold now" if z.claimed_after_s is not None else " (still unclaimed)")
+            )
+
+    def _watch_woken(self) -> None:
+        z = self.zombie
+        assert z.continued_at_s is not None
+        zombie = next(m for m in self.managers if m.name == z.name)
+        self._track_zombie_takeover()
+        if z.rejoined_after_s is not None:
+            return
+        if z.noticed_after_s is None:
+            first = LOG_PROBLEM.search(zombie.log_since(self._wake_log_offset))
+            if first is not None:
+                z.noticed_after_s = self.elapsed() - z.continued_at_s
+                self.event(f"{z.name} notices, {z.noticed_after_s:.1f} s after waking: {first['message'][:140]}")
+        owned = sorted(
+            p for p, c in self.model.claims().items()
+            if c.owner.rsplit("-", 1)[-1] == str(zombie.pid) and c.claimed_ms >= self._wake_wall_ms
+        )  # fmt: skip
+        if owned and zombie.alive:
+            z.rejoined_after_s = self.elapsed() - z.continued_at_s
+            z.rejoined_partitions = owned
+            self._zombie_stale_writes()
+            self.event(
+                f"{z.name} rejoined: it owns partitions {', '.join(map(str, owned))} again (new epochs) "
+                f"{z.rejoined_after_s:.1f} s after waking; its log: {z.fenced_lines} 'fenced' lines; "
+                f"on the log: {z.stale_rejected} stale records of its old epoch rejected, {z.stale_accepted} accepted"
+            )
+
+    def _zombie_stale_writes(self) -> None:
+        """What the zombie wrote after waking with the epoch it had when frozen, and what its log says."""
+        from sagalog.readmodel import SagaNotFound, partition_for
+
+        z = self.zombie
+        if z.continued_at_s is None:
+            return
+        rejected = accepted = 0
+        for sid in self.sent_ms:
+            if partition_for(sid.encode(), self.settings.partitions) not in z.partitions:
+                continue
+            try:
+                history = self.model.history(sid, catch_up=False)
+            except SagaNotFound:
+                continue
+            for entry in history:
+                stale = (
+                    entry.writer == self._zombie_owner
+                    and entry.epoch is not None
+                    and entry.epoch <= self._epochs_at_freeze.get(entry.partition, -1)
+                    and entry.timestamp_ms >= self._wake_wall_ms
+                )
+                if stale:
+                    if entry.rejected is None:
+                        accepted += 1
+                    else:
+                        rejected += 1
+        z.stale_rejected, z.stale_accepted = rejected, accepted
+        zombie = next(m for m in self.managers if m.name == z.name)
+        woke = zombie.log_since(self._wake_log_offset)
+        z.fenced_lines = sum(1 for line in woke.lower().splitlines() if "fenced" in line)
+        z.deferred_lines = sum(1 for line in woke.lower().splitlines() if "deferred" in line)
+        z.woke_log = [m["message"][:160] for m in LOG_PROBLEM.finditer(woke)][:4]
+        z.alive_after = zombie.alive
 
     # -- display -------------------------------------------------------------------------
 
@@ -679,7 +1047,10 @@ class Demo:
             owned = [
                 str(p) for p, c in sorted(claims.items()) if c.owner.rsplit("-", 1)[-1] == str(m.pid)
             ]
-            if m.alive:
+            if m.alive and m.frozen:
+                stalled = f"[yellow]{', '.join(owned)} (frozen: nobody serves them until taken over)[/]" if owned else "-"
+                owners.add_row(m.name, str(m.pid), "[yellow]frozen (SIGSTOP)[/]", stalled)
+            elif m.alive:
                 owners.add_row(m.name, str(m.pid), "[green]alive[/]", ", ".join(owned) or "-")
             else:
                 state = "[red]killed[/]" if m.killed else "[red]exited[/]"
@@ -703,9 +1074,16 @@ class Demo:
             topic_prefix=self.topics.prefix,
             work_dir=str(self.work_dir),
             takeover=self.takeover,
+            zombie=self.zombie,
             processes=self.processes,
         )
         self.model.catch_up()
+        if self.takeover.claimed_after_s is not None:  # a takeover line logged after we looked
+            self._fill_resumed(self.takeover, self._epochs_at_kill)
+        if self.zombie.frozen_at_s is not None:
+            if self.zombie.claimed_after_s is not None:
+                self._fill_resumed(self.zombie, self._epochs_at_freeze)
+            self._zombie_stale_writes()
         states = self.model.states([saga.saga_id for saga in self.plan])
         alive = [m.name for m in self.managers if m.alive]
         participants_alive = self.participants is not None and self.participants.alive
@@ -747,9 +1125,12 @@ class Demo:
             checks.append(Check(
                 "takeover after SIGKILL",
                 t.claimed_after_s is not None,
-                f"{t.victim}'s partitions {t.partitions} claimed by others after {t.claimed_after_s:.1f} s"
+                f"{t.victim}'s partitions {t.partitions} ({t.in_flight} sagas in flight) claimed by others after "
+                f"{t.claimed_after_s:.1f} s, {sum(t.resumed.values())} live sagas resumed"
                 if t.claimed_after_s is not None else f"{t.victim}'s partitions {t.partitions} were never claimed by another manager",
             ))  # fmt: skip
+        if self.zombie.enabled:
+            checks.append(self._check_zombie())
         checks.append(Check(
             "managers still running",
             len(alive) == len(self.managers) and not self.unexpected_exits,
@@ -757,6 +1138,34 @@ class Demo:
         ))  # fmt: skip
         checks.append(Check("participants still running", participants_alive, "alive" if participants_alive else "exited"))
         return report
+
+    def _check_zombie(self) -> Check:
+        """The zombie act happened: frozen, its partitions claimed by others meanwhile, alive after
+        SIGCONT, and nothing it wrote with its old epoch accepted."""
+        z = self.zombie
+        name = "zombie fenced after SIGSTOP/SIGCONT"
+        if z.frozen_at_s is None:
+            return Check(name, False, f"no manager was frozen ({z.skipped or 'the run ended first'})")
+        problems: list[str] = []
+        if not z.claimed_while_frozen:
+            problems.append(f"its partitions {z.partitions} were not claimed by others while it was frozen")
+        if z.continued_at_s is None:
+            problems.append("it was never woken")
+        elif not z.alive_after:
+            problems.append("it died after SIGCONT")
+        if z.stale_accepted:
+            problems.append(f"{z.stale_accepted} records it wrote with its old epoch after waking were accepted")
+        back = (
+            f"rejoined with partitions {', '.join(map(str, z.rejoined_partitions))}"
+            if z.rejoined_partitions else "alive (no partition back yet)"
+        )
+        detail = (
+            f"{z.name} frozen {z.frozen_for_s} s with {z.in_flight} sagas in flight; partitions {z.partitions} "
+            f"claimed by others after {z.claimed_after_s:.1f} s, {sum(z.resumed.values())} live sagas resumed; "
+            f"after SIGCONT {back}; stale records rejected {z.stale_rejected}, accepted {z.stale_accepted}"
+            if z.claimed_after_s is not None else f"{z.name} frozen {z.frozen_for_s} s"
+        )
+        return Check(name, not problems, "; ".join(problems) if problems else detail)
 
     def _check_books(self, participant: str, completed: set[str]) -> Check:
         """The participant's books: balanced, one hold per completed saga of the right size, nothing else."""
@@ -847,6 +1256,17 @@ class Demo:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+def who_resumed(target: Takeover | Zombie) -> str:
+    """``m1 took 2 and resumed 3 live sagas; m2 took 5 and resumed 1 live sagas`` (from their logs)."""
+    parts = []
+    for owner in sorted(set(target.new_owners.values())):
+        mine = sorted(p for p, o in target.new_owners.items() if o == owner)
+        n = sum(target.resumed_on.get(p, 0) for p in mine)
+        unknown = any(p not in target.resumed_on for p in mine)  # its takeover line not found (yet)
+        parts.append(f"{owner} took {', '.join(map(str, mine))} and resumed {n}{'+?' if unknown else ''} live sagas")
+    return "; ".join(parts)
+
+
 def query_hints(bootstrap: str, prefix: str, plan: list[PlannedSaga]) -> str:
     """Commands that look at this run's sagas (while its broker runs)."""
     where = f"-b {bootstrap}" + ("" if prefix == "saga" else f" --topic-prefix {prefix}")
@@ -879,14 +1299,13 @@ def print_report(report: DemoReport, console: Console) -> None:
     if t.killed_at_s is not None:
         console.print("[bold]takeover[/]")
         console.print(
-            f"  SIGKILL {t.victim} (pid {t.victim_pid}) at {t.killed_at_s:.1f} s: partitions "
-            f"{', '.join(map(str, t.partitions)) or 'none'}, {t.in_flight} sagas in flight; "
+            f"  SIGKILL {t.victim} (pid {t.victim_pid}) at {t.killed_at_s:.1f} s, the manager with the most sagas in "
+            f"flight: partitions {', '.join(map(str, t.partitions)) or 'none'}, {t.in_flight} sagas in flight; "
             f"{t.waited} more started on them before the takeover"
         )
         session_s = report.settings["session_timeout_ms"] / 1000
         if t.claimed_after_s is not None:
-            owners = ", ".join(f"{p}->{o}" for p, o in sorted(t.new_owners.items()))
-            console.print(f"  claimed by the others after {t.claimed_after_s:.1f} s ({owners}); session timeout {session_s:g} s")
+            console.print(f"  claimed by the others after {t.claimed_after_s:.1f} s (session timeout {session_s:g} s): {who_resumed(t)}")
         if t.progress_after_s is not None:
             console.print(f"  its sagas progressing again after {t.progress_after_s:.1f} s (target: session timeout + 1 s = {session_s + 1:g} s)")
         elif t.nothing_to_resume:
@@ -897,6 +1316,43 @@ def print_report(report: DemoReport, console: Console) -> None:
                 if t.rejoined_after_s is not None else "; got no partition back during the run"
             )
             console.print(f"  {t.victim} restarted at {t.restarted_at_s:.1f} s{back}")
+    z = report.zombie
+    if z.enabled:
+        console.print("[bold]zombie[/]")
+        if z.frozen_at_s is None:
+            console.print(f"  no manager was frozen: {z.skipped or 'the run ended first'}")
+        else:
+            console.print(
+                f"  SIGSTOP {z.name} (pid {z.pid}) at {z.frozen_at_s:.1f} s: partitions "
+                f"{', '.join(map(str, z.partitions))}, {z.in_flight} sagas in flight; frozen {z.frozen_for_s} s"
+            )
+            if z.claimed_after_s is not None:
+                console.print(
+                    f"  claimed by the others {'while it was frozen' if z.claimed_while_frozen else 'after it woke'}, "
+                    f"{z.claimed_after_s:.1f} s after the SIGSTOP: {who_resumed(z)}; "
+                    f"{z.waited} sagas started on them meanwhile waited"
+                )
+            else:
+                console.print("  its partitions were never claimed by another manager")
+            if z.progress_after_s is not None:
+                console.print(f"  its sagas progressing again {z.progress_after_s:.1f} s after the SIGSTOP")
+            elif z.nothing_to_resume:
+                console.print("  no saga was left on its partitions to resume")
+            if z.continued_at_s is not None:
+                back = (
+                    f"rejoined: owns partitions {', '.join(map(str, z.rejoined_partitions))} again (new epochs) "
+                    f"{z.rejoined_after_s:.1f} s later"
+                    if z.rejoined_after_s is not None else ("alive, no partition back during the run" if z.alive_after else "dead")
+                )
+                console.print(f"  SIGCONT at {z.continued_at_s:.1f} s; {back}")
+                noticed = f", noticed after {z.noticed_after_s:.1f} s" if z.noticed_after_s is not None else ""
+                console.print(
+                    f"  after waking{noticed}: {z.fenced_lines} 'fenced' and {z.deferred_lines} 'deferred' lines in its "
+                    f"log; {z.stale_rejected} records of its old epoch rejected by the log's fold, "
+                    f"{z.stale_accepted} accepted"
+                )
+                for line in z.woke_log:
+                    console.print(f"    {escape(line)}")
     if report.dead_letters:
         console.print(f"[yellow]{report.dead_letters} message(s) in {report.topic_prefix}.dead-letters[/]")
     console.print("[bold]checks[/]")

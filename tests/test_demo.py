@@ -1,5 +1,6 @@
-"""``saga demo`` in a reduced size, as a real subprocess: it must pass its own checks and leave no
-process behind, also when interrupted with Ctrl-C."""
+"""``saga demo`` in a reduced size, as a real subprocess: it must pass its own checks, tell the
+recovery story it is about (a killed manager's sagas in flight resumed by the others, a frozen
+manager fenced as a zombie) and leave no process behind, also when interrupted with Ctrl-C."""
 
 from __future__ import annotations
 
@@ -43,14 +44,35 @@ def test_demo_reduced_size_passes_its_checks(tmp_path: Path) -> None:
     failed = [c for c in report["checks"] if not c["ok"]]
     assert not failed, failed
     names = {c["name"] for c in report["checks"]}
-    assert {"every saga terminal", "no saga lost", "takeover after SIGKILL", "managers still running"} <= names
+    assert {"every saga terminal", "no saga lost", "takeover after SIGKILL", "managers still running",
+            "zombie fenced after SIGSTOP/SIGCONT"} <= names
     assert {f"{p} books consistent" for p in ("flights", "hotels", "cars", "credit", "payments")} <= names
     assert sum(n for counts in report["outcomes"].values() for n in counts.values()) == 40
     assert set(report["outcomes"]) == {"book-trip", "place-order"}
 
+    # The kill hit sagas in flight (steps take 100-500 ms), and the new owners resumed them.
     takeover = report["takeover"]
     assert takeover["partitions"] and takeover["claimed_after_s"] is not None
+    assert takeover["in_flight"] > 0
+    assert set(takeover["resumed_on"]) == {str(p) for p in takeover["partitions"]}  # every new owner's line found
+    assert sum(takeover["resumed"].values()) > 0
+    assert set(takeover["resumed"]) <= set(takeover["new_owners"].values())
+    assert takeover["victim"] not in takeover["new_owners"].values()
     assert takeover["restarted_at_s"] is not None
+    assert f"SIGKILL {takeover['victim']}" in proc.stdout and "resumed" in proc.stdout
+
+    # The zombie: another manager frozen past its session timeout, its partitions claimed meanwhile,
+    # alive after SIGCONT, and nothing it wrote with its old epoch accepted.
+    zombie = report["zombie"]
+    assert zombie["enabled"] and zombie["skipped"] is None
+    assert zombie["name"] and zombie["name"] != takeover["victim"]
+    assert zombie["frozen_at_s"] > takeover["restarted_at_s"]
+    assert zombie["frozen_for_s"] >= report["settings"]["session_timeout_ms"] / 1000 + 3
+    assert zombie["claimed_while_frozen"] and zombie["claimed_after_s"] is not None
+    assert zombie["name"] not in zombie["new_owners"].values()
+    assert zombie["continued_at_s"] is not None and zombie["alive_after"] is True
+    assert zombie["stale_accepted"] == 0
+    assert f"SIGSTOP {zombie['name']}" in proc.stdout and f"SIGCONT {zombie['name']}" in proc.stdout
     assert len(report["processes"]["m1"]) >= 1 and report["processes"]["broker"]
     for pids in report["processes"].values():
         for pid in pids:

@@ -43,11 +43,16 @@ class ExampleOptions:
     payments), deterministic by saga id. ``glitch_rate``: share of attempts failing with a
     transient error (RETRYABLE_ERROR, then a retry succeeds), for every example. ``capacity``:
     stock of each item (seats per flight, credit limit per customer, ...), None = default.
+    ``step_time_ms``: ``(lo, hi)`` milliseconds each step "takes", drawn uniformly per reply,
+    None = answer at once. The work is pipelined, not serial: handlers run at once and the
+    outbox relay holds each reply that long (``Participant(reply_hold_s=...)``), so a slow step
+    does not cap a participant's throughput.
     """
 
     failure_rate: float = 0.0
     glitch_rate: float = 0.0
     capacity: int | None = None
+    step_time_ms: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("failure_rate", "glitch_rate"):
@@ -56,6 +61,30 @@ class ExampleOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1, not {value}")
         if self.capacity is not None and self.capacity < 1:
             raise ConfigError(f"--capacity must be at least 1, not {self.capacity}")
+        if self.step_time_ms is not None:
+            lo, hi = self.step_time_ms
+            if not 0 <= lo <= hi:
+                raise ConfigError(f"--step-time-ms must be LO-HI with 0 <= LO <= HI, not {lo}-{hi}")
+
+    @property
+    def reply_hold_s(self) -> tuple[float, float] | None:
+        """``step_time_ms`` in seconds, as ``Participant(reply_hold_s=...)`` takes it."""
+        if self.step_time_ms is None or self.step_time_ms[1] == 0:
+            return None
+        return self.step_time_ms[0] / 1000, self.step_time_ms[1] / 1000
+
+
+def parse_step_time_ms(text: str) -> tuple[int, int] | None:
+    """``"100-500"`` -> ``(100, 500)``, ``"250"`` -> ``(250, 250)``, ``"0"`` -> None (no step time)."""
+    lo_text, sep, hi_text = text.strip().partition("-")
+    try:
+        lo = int(lo_text)
+        hi = int(hi_text) if sep else lo
+    except ValueError:
+        raise ConfigError(f"--step-time-ms must be milliseconds as LO-HI (e.g. 100-500) or N, not {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"--step-time-ms must be LO-HI with 0 <= LO <= HI, not {text!r}")
+    return None if hi == 0 else (lo, hi)
 
 
 @dataclass(frozen=True)
@@ -119,9 +148,14 @@ def build_participant(
     options: ExampleOptions = ExampleOptions(),
     **participant_kwargs: Any,
 ) -> Participant:
-    """A ready-to-run example participant; extra keyword arguments go to :class:`Participant`."""
+    """A ready-to-run example participant; extra keyword arguments go to :class:`Participant`.
+
+    ``options.step_time_ms`` becomes the participant's ``reply_hold_s`` (unless given explicitly).
+    """
     example = example_for(name)
-    if example.inventory is None:  # the no-op has no business to fail: options do not apply
+    if options.reply_hold_s is not None:
+        participant_kwargs.setdefault("reply_hold_s", options.reply_hold_s)
+    if example.inventory is None:  # the no-op has no business to fail: only the step time applies
         return noop_participant(name, topics=topics, bootstrap=bootstrap, **participant_kwargs)
     inventory = example_inventory(name, options)
     store = SqliteStore(db_path(db_dir, name), setup=inventory.setup)
@@ -145,4 +179,5 @@ __all__ = [
     "example_inventory",
     "inventory_report",
     "noop_participant",
+    "parse_step_time_ms",
 ]

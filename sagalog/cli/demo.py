@@ -1,4 +1,4 @@
-"""``saga demo``: broker, managers, participants, sagas, a SIGKILL, a takeover, and checks."""
+"""``saga demo``: broker, managers, participants, sagas, a SIGKILL, a takeover, a zombie, and checks."""
 
 from __future__ import annotations
 
@@ -27,8 +27,17 @@ from sagalog.cli.query import QueryCommand
     type=click.FloatRange(0, 1, max_open=True),
     default=0.3,
     show_default=True,
-    help="SIGKILL the busiest manager once this share of the sagas has been started.",
+    help="SIGKILL the manager with the most sagas in flight once this share of the sagas has been started.",
 )
+@click.option(
+    "--step-time-ms",
+    default="100-500",
+    show_default=True,
+    metavar="LO-HI",
+    help="How long each participant step takes (pipelined; N for a fixed time, 0 for at once): "
+    "sagas stay in flight long enough for the takeovers to resume some.",
+)
+@click.option("--no-zombie", is_flag=True, help="Skip the zombie act (a manager frozen with SIGSTOP, then woken).")
 @click.option(
     "--bootstrap-servers",
     "-b",
@@ -66,6 +75,8 @@ def demo_command(
     replicas: int,
     failure_rate: float,
     kill_after: float,
+    step_time_ms: str,
+    no_zombie: bool,
     bootstrap_servers: str | None,
     topic_prefix: str | None,
     partitions: int,
@@ -79,14 +90,18 @@ def demo_command(
     report_json: Path | None,
 ) -> None:
     """Run the whole story: broker, N managers, the example participants, a few hundred sagas
-    (some abort and compensate), one manager SIGKILLed mid-run and restarted, then checks.
+    (some abort and compensate), the manager with the most sagas in flight SIGKILLed mid-run
+    (the others resume its sagas) and restarted, then another one frozen with SIGSTOP past its
+    session timeout and woken as a fenced zombie, then checks.
 
     Exits 0 when every check passes (every saga terminal, every balance consistent, managers
-    alive), 1 otherwise, 130 on Ctrl-C. Everything it started is stopped on the way out.
+    alive, the zombie fenced), 1 otherwise, 130 on Ctrl-C. Everything it started is stopped on
+    the way out.
     """
     from rich.console import Console
     from rich.markup import escape
 
+    from participants.examples import parse_step_time_ms
     from sagalog.demo import Demo, DemoReport, DemoSettings, Interrupted, print_report, query_hints
 
     console = Console(highlight=False)
@@ -107,6 +122,8 @@ def demo_command(
         keep=keep,
         seed=seed,
         stay=stay,
+        step_time_ms=parse_step_time_ms(step_time_ms),
+        zombie=not no_zombie,
     )
     demo = Demo(settings, console)
 

@@ -63,6 +63,15 @@ def list_command() -> None:
 )
 @click.option("--capacity", type=int, default=None, help="Stock per item (seats per flight, credit limit, ...).")
 @click.option(
+    "--step-time-ms",
+    default="0",
+    show_default=True,
+    metavar="LO-HI",
+    help="How long each step takes, drawn uniformly per reply (e.g. 100-500; N for a fixed time; 0: at once). "
+    "Pipelined like a real service: commands are handled at once and each reply is held that long "
+    "in the outbox before it is sent, so throughput is not capped.",
+)
+@click.option(
     "--session-timeout-ms",
     type=int,
     default=6000,
@@ -90,6 +99,7 @@ def run_command(
     failure_rate: float,
     glitch_rate: float,
     capacity: int | None,
+    step_time_ms: str,
     session_timeout_ms: int,
     bootstrap_servers: str,
     topic_prefix: str,
@@ -101,7 +111,7 @@ def run_command(
     Their command topics must exist ('saga topics create --participant NAME ...'). Each keeps
     its state in DB_DIR/NAME.db: restart with the same --db-dir to resume where it stopped.
     """
-    from participants.examples import ExampleOptions, build_participant, example_for
+    from participants.examples import ExampleOptions, build_participant, example_for, parse_step_time_ms
     from participants.sdk import Participant
     from sagalog.cli.topics import topics_for
     from sagalog.errors import ConfigError, SagaError
@@ -113,7 +123,12 @@ def run_command(
         raise ConfigError(f"participant(s) named twice: {', '.join(duplicates)}")
     for name in names:
         example_for(name)  # unknown names fail here, before anything starts
-    options = ExampleOptions(failure_rate=failure_rate, glitch_rate=glitch_rate, capacity=capacity)
+    options = ExampleOptions(
+        failure_rate=failure_rate,
+        glitch_rate=glitch_rate,
+        capacity=capacity,
+        step_time_ms=parse_step_time_ms(step_time_ms),
+    )
     overrides = parse_overrides(client_settings)
     topics = topics_for(topic_prefix)
     check_reachable(bootstrap_servers, overrides=overrides)
