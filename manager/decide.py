@@ -67,6 +67,12 @@ class Decision:
     ignored: str | None = None  # why the input changed nothing (for logs and dead letters)
     reject: bool = False  # the input is malformed or foreign, not merely late: dead-letter it
 
+    @property
+    def current(self) -> SagaState:
+        """The state, for decisions about a saga that exists (every one but an ignored start)."""
+        assert self.state is not None
+        return self.state
+
     def record(self, event: Event, ctx: Context) -> None:
         """Apply ``event`` to the state and keep the record that says so."""
         assert self.state is not None
@@ -246,9 +252,9 @@ def _advance(decision: Decision, ctx: Context) -> None:
                     timeout_ms = int(definition.by_name[step.name].timeout_s * 1000)
                     event = StepBegun(step=step.name, attempt=1, dispatch_at_ms=ctx.now_ms, deadline_ms=ctx.now_ms + timeout_ms)
                     decision.record(event, ctx)
-                    decision.commands.append(_command(decision.state, definition, step.name, Action.EXECUTE, 1, event.deadline_ms, ctx))
+                    decision.commands.append(_command(decision.current, definition, step.name, Action.EXECUTE, 1, event.deadline_ms, ctx))
             return
-    state = decision.state
+    state = decision.current
     if state.status is not SagaStatus.COMPENSATING:
         return
     statuses = {s.name: s.status for s in state.steps}
@@ -268,10 +274,10 @@ def _advance(decision: Decision, ctx: Context) -> None:
     for step in pending:
         if all(settled(d) for d in definition.dependents[step.name]):
             timeout_ms = int(definition.by_name[step.name].timeout_s * 1000)
-            event = CompensationBegun(step=step.name, attempt=1, dispatch_at_ms=ctx.now_ms, deadline_ms=ctx.now_ms + timeout_ms)
-            decision.record(event, ctx)
-            decision.commands.append(_command(decision.state, definition, step.name, Action.COMPENSATE, 1, event.deadline_ms, ctx))
-    state = decision.state
+            begun = CompensationBegun(step=step.name, attempt=1, dispatch_at_ms=ctx.now_ms, deadline_ms=ctx.now_ms + timeout_ms)
+            decision.record(begun, ctx)
+            decision.commands.append(_command(decision.current, definition, step.name, Action.COMPENSATE, 1, begun.deadline_ms, ctx))
+    state = decision.current
     if not any(
         s.status in (T.RUNNING, T.COMPENSATING) or (s.status in NEEDS_COMPENSATION and definition.by_name[s.name].compensable)
         for s in state.steps

@@ -47,7 +47,7 @@ from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import BrokerError, ConfigError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState, fold_newest
-from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate
+from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate, where
 from sagalog.records import (
     CancelSaga,
     DeadLetter,
@@ -88,6 +88,9 @@ class ManagerSettings(BaseModel):
     #: owner's open transaction) before it is deferred and retried.
     init_transactions_timeout_s: float = 15.0
     replay_timeout_s: float = 120.0
+    #: A commit that takes longer fails and the partition is taken over again from the log. Commits
+    #: take milliseconds; a manager frozen in the middle of one finds out this long after it wakes.
+    commit_timeout_s: float = 10.0
 
 
 @dataclass
@@ -189,9 +192,10 @@ class Manager:
         now = now_ms()
         for msg in messages:
             err = msg.error()
+            _, partition, _ = where(msg)
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    caught_up = self.owned.get(msg.partition())
+                    caught_up = self.owned.get(partition)
                     if caught_up is not None:
                         caught_up.caught_up = True
                     continue
@@ -200,7 +204,7 @@ class Manager:
                     raise mapped
                 log.warning("%s", mapped)
                 continue
-            owned = self.owned.get(msg.partition())
+            owned = self.owned.get(partition)
             if owned is not None:
                 self._handle_inbox(owned, msg, now)
         for owned in list(self.owned.values()):
@@ -415,10 +419,11 @@ class Manager:
                     raise BrokerError(f"replaying log partitions {missing} did not reach their end in {self.settings.replay_timeout_s:g} s", retryable=True)
                 for msg in self.reader.consume(5000, 0.05):
                     err = msg.error()
+                    _, partition, offset = where(msg)
                     if err is None:
-                        messages[msg.partition()].append((msg.key(), msg.value(), msg.offset()))
+                        messages[partition].append((msg.key(), msg.value(), offset))
                     elif err.code() == KafkaError._PARTITION_EOF:
-                        ends[msg.partition()] = msg.offset()
+                        ends[partition] = offset
                     else:
                         raise translate(err, f"replaying log partitions {partitions}")
         finally:
@@ -447,11 +452,12 @@ class Manager:
         return decide.Context(now_ms=now, epoch=owned.epoch, reply_topic=self.topics.inbox, reply_partition=owned.partition, writer=self.settings.instance_id)
 
     def _handle_inbox(self, owned: Owned, msg: Message, now: int) -> None:
-        owned.outbox.next_inbox_offset = msg.offset() + 1
+        topic, partition, offset = where(msg)
+        owned.outbox.next_inbox_offset = offset + 1
         try:
             item = self.codec.decode(msg.value())
         except DecodeError as err:
-            self._dead_letter(owned, msg, err.at(msg.topic(), msg.partition(), msg.offset()), now)
+            self._dead_letter(owned, msg, err.at(topic, partition, offset), now)
             return
         key = (msg.key() or b"").decode("utf-8", "replace")
         saga_id = getattr(item, "saga_id", None)
@@ -578,11 +584,12 @@ class Manager:
 
     def _dead_letter(self, owned: Owned, msg: Message, reason: DecodeError | str, now: int) -> None:
         self.stats["dead_lettered"] += 1
-        log.warning("dead-lettering %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+        topic, partition, offset = where(msg)
+        log.warning("dead-lettering %s[%d]@%d: %s", topic, partition, offset, reason)
         letter = DeadLetter(
-            source_topic=msg.topic(),
-            source_partition=msg.partition(),
-            source_offset=msg.offset(),
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
             key=msg.key(),
             value=msg.value(),
             reason=str(reason),
@@ -635,7 +642,7 @@ class Manager:
                 producer.send_offsets_to_transaction(
                     [TopicPartition(self.topics.inbox, p, out.next_inbox_offset)], group_metadata, 10
                 )
-            producer.commit_transaction(30)
+            producer.commit_transaction(self.settings.commit_timeout_s)
         except KafkaException as err:
             return translate(err, f"writing partition {p}")
         except BufferError as err:

@@ -74,7 +74,7 @@ from sagalog.errors import (
     MalformedRecord,
     SagaError,
 )
-from sagalog.kafka import ClientOverrides, consumer_config, producer_config, translate
+from sagalog.kafka import ClientOverrides, consumer_config, must_stop, producer_config, translate
 from sagalog.records import Action, DeadLetter, ParticipantCommand, ParticipantReply, ReplyOutcome
 
 _log = logging.getLogger(__name__)
@@ -659,7 +659,7 @@ class Participant:
                 records.append(msg)
                 continue
             error = translate(err, f"consuming {self.command_topic}")
-            if err.fatal():
+            if must_stop(err):
                 raise error
             _log.warning("%s: %s", self.name, error)
         return records

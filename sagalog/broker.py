@@ -228,7 +228,7 @@ class EmbeddedBroker:
         self._open_log()
         env = {**os.environ, "NO_COLOR": "1"}
         try:
-            self._proc = subprocess.Popen(
+            self._proc = subprocess.Popen(  # type: ignore[call-overload]
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,
@@ -237,7 +237,7 @@ class EmbeddedBroker:
                 # Own session: Ctrl-C in a terminal reaches our process, which stops the broker
                 # in order, instead of killing it underneath running clients.
                 start_new_session=True,
-                preexec_fn=die_with_parent_hook(),  # type: ignore[arg-type]
+                preexec_fn=die_with_parent_hook(),
             )
         except OSError as err:
             self._close_log()

@@ -34,9 +34,11 @@ SCHEMAS_ENV = "SAGA_SCHEMAS_DIR"
 
 
 def schemas_dir() -> Path:
-    """``schemas/`` at the project root (or ``$SAGA_SCHEMAS_DIR``)."""
+    """The Avro schemas, shipped inside the package as ``sagalog/schemas`` (in a checkout, a link
+    to the top-level ``schemas/``: the contract's one source of truth). ``$SAGA_SCHEMAS_DIR``
+    points elsewhere, for example at a newer contract's schemas."""
     override = os.environ.get(SCHEMAS_ENV)
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "schemas"
+    return Path(override) if override else Path(__file__).resolve().parent / "schemas"
 
 
 def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
@@ -57,7 +59,10 @@ class Codec:
         self._current: dict[str, tuple[bytes, Any]] = {}  # avro name -> (fingerprint, schema)
         self._writers: dict[bytes, tuple[str, Any]] = {}  # fingerprint -> (avro name, writer schema)
         if not self.directory.is_dir():
-            raise ConfigError(f"schema directory {self.directory} not found; set {SCHEMAS_ENV}")
+            raise ConfigError(
+                f"schema directory {self.directory} not found: the installation is incomplete (reinstall "
+                f"sagalog) or ${SCHEMAS_ENV} names a missing directory"
+            )
         for path in sorted(self.directory.glob("*.avsc")):
             name, fp, parsed = self._load(path)
             self._current[name] = (fp, parsed)
@@ -77,6 +82,7 @@ class Codec:
             parsed = fastavro.parse_schema(raw, _force=True)
         except (ValueError, fastavro.schema.SchemaParseException) as err:
             raise ConfigError(f"{path}: not a valid Avro schema: {err}") from err
+        assert isinstance(parsed, dict)  # a record schema, never a union or a primitive
         return parsed["name"], schema_fingerprint(raw), parsed
 
     @cached_property
@@ -128,6 +134,7 @@ class Codec:
             datum = fastavro.schemaless_reader(body, writer, reader, return_record_name=True)
             if body.tell() != len(data):
                 raise MalformedRecord(f"{len(data) - body.tell()} trailing bytes after a {name}")
+            assert isinstance(datum, dict)  # every schema of ours is a record
             return _from_avro(self._models[name], datum)
         except MalformedRecord:
             raise

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient
 
 from sagalog.errors import BrokerError, BrokerRefused, BrokerUnavailable, Fenced
@@ -173,6 +173,14 @@ def reader_config(bootstrap: str, overrides: ClientOverrides | None = None) -> d
     config.update({"enable.partition.eof": True, "fetch.wait.max.ms": 10})
     config.update(overrides or {})
     return config
+
+
+def where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed message or partition event. librdkafka sets all
+    three on both (the type stubs say Optional because a produced message has no offset yet)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset
 
 
 def must_stop(err: KafkaError) -> bool:

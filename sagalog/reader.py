@@ -17,7 +17,7 @@ from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.errors import BrokerError, DecodeError
 from sagalog.fold import PartitionFold, SagaState
-from sagalog.kafka import ClientOverrides, reader_config, translate
+from sagalog.kafka import ClientOverrides, reader_config, translate, where
 from sagalog.records import Frozen
 
 
@@ -63,21 +63,21 @@ def scan(
             if time.monotonic() > deadline:
                 raise BrokerError(f"reading {topics.log} did not reach its end within {timeout_s:g}s", retryable=True)
             for msg in consumer.consume(10000, 0.05):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition())
+                failure = msg.error()
+                _, p, offset = where(msg)
+                if failure is not None:
+                    if failure.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(p)
                         continue
-                    raise translate(err, f"reading {topics.log}")
-                p = msg.partition()
+                    raise translate(failure, f"reading {topics.log}")
                 if p not in pending:
                     continue  # past the end this scan promised: left for the next scan
                 value = msg.value()
                 try:
                     item: Frozen | DecodeError | None = None if value is None else codec.decode(value)
                 except DecodeError as bad:
-                    item = bad.at(topics.log, p, msg.offset())
-                yield LogEntry(p, msg.offset(), msg.key(), item, msg.timestamp()[1])
+                    item = bad.at(topics.log, p, offset)
+                yield LogEntry(p, offset, msg.key(), item, msg.timestamp()[1])
     finally:
         consumer.close()
 

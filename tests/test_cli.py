@@ -78,7 +78,7 @@ def deployment(bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ensure_topics(bootstrap, topics, partitions=3, participants=PARTICIPANTS)
     definitions = tmp / "defs.yaml"
     definitions.write_text(DEFINITIONS)
-    manager = ManagerProcess(bootstrap, topics, definitions, tmp, "m1", partitions=3, session_timeout_ms=3000).start()
+    manager = ManagerProcess(bootstrap, topics, definitions, tmp, "m1", partitions=3).start()  # 6000 ms: what a stock Kafka accepts
     try:
         with ScriptedParticipant(bootstrap, topics, PARTICIPANTS, behaviour=behaviour):
             yield Deployment(bootstrap, topics, definitions, tmp / "state")

@@ -73,7 +73,11 @@ def broker_command(
                 )
 
             # Wake up on a signal or when the broker dies on its own, whichever comes first.
-            threading.Thread(target=lambda: (broker.wait(), stop.set()), daemon=True).start()
+            def watch() -> None:
+                broker.wait()
+                stop.set()
+
+            threading.Thread(target=watch, daemon=True).start()
             stop.wait()
             if not broker.running:
                 raise BrokerError(

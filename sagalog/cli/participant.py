@@ -115,7 +115,7 @@ def run_command(
     from participants.sdk import Participant
     from sagalog.cli.topics import topics_for
     from sagalog.errors import ConfigError, SagaError
-    from sagalog.kafka import check_reachable, parse_overrides
+    from sagalog.kafka import check_reachable, check_session_timeout, existing_topics, parse_overrides
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -132,6 +132,13 @@ def run_command(
     overrides = parse_overrides(client_settings)
     topics = topics_for(topic_prefix)
     check_reachable(bootstrap_servers, overrides=overrides)
+    check_session_timeout(bootstrap_servers, session_timeout_ms, overrides)
+    missing = sorted(set(map(topics.commands, names)) - existing_topics(bootstrap_servers, overrides))
+    if missing:
+        raise ConfigError(
+            f"command topic(s) {', '.join(missing)} do not exist at {bootstrap_servers}; create them with "
+            f"'saga topics create {' '.join(f'--participant {n}' for n in names)} --topic-prefix {topic_prefix}'"
+        )
 
     participants: list[Participant] = [
         build_participant(
@@ -152,7 +159,10 @@ def run_command(
         try:
             participant.run()
         except BaseException as err:  # reported below; the other participants are stopped
-            _log.exception("participant %s stopped on an error", participant.name)
+            if isinstance(err, SagaError):  # a refusal or outage we named: one line, no traceback
+                _log.error("participant %s stopped: %s", participant.name, err)
+            else:
+                _log.exception("participant %s stopped on an error", participant.name)
             failures.append(err)
         finally:
             stop.set()
