@@ -35,6 +35,7 @@ also on Ctrl-C, and dies with the demo if the demo itself is killed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -487,6 +488,7 @@ class Demo:
 
     def _setup(self) -> None:
         from sagalog.broker import EmbeddedBroker
+        from sagalog.kafka import session_timeout_bounds
         from sagalog.readmodel import ReadModel
         from sagalog.topics import ensure_topics
 
@@ -497,6 +499,12 @@ class Demo:
             self.bootstrap = self.broker.bootstrap
             self.processes["broker"] = [self.broker.pid]
             self.event(f"embedded broker ready at {self.bootstrap} (pid {self.broker.pid}, memory storage)")
+        bounds = session_timeout_bounds(self.bootstrap)
+        if bounds is not None and not bounds[0] <= s.session_timeout_ms <= bounds[1]:
+            # A stock Apache Kafka refuses sessions under 6 s: use the nearest it accepts.
+            accepted = min(max(s.session_timeout_ms, bounds[0]), bounds[1])
+            self.event(f"the broker accepts session timeouts of {bounds[0]}..{bounds[1]} ms: using {accepted} ms")
+            self.settings = s = dataclasses.replace(s, session_timeout_ms=accepted)
         ensure_topics(self.bootstrap, self.topics, partitions=s.partitions, participants=list(PARTICIPANTS))
         self.event(f"topics with prefix {self.topics.prefix!r} ready: {s.partitions} partitions")
         self.participants = Child(
