@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,3 +344,109 @@ def test_subprocess_errors_are_one_line(deployment: Deployment, tmp_path: Path) 
         assert "Traceback" not in proc.stderr + proc.stdout
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and text in lines[0], (proc.args, proc.stderr)
+
+
+# --- start --from FILE (many sagas, one flush) -------------------------------------------------
+
+
+def _jsonl(*items: object) -> str:
+    return "".join(json.dumps(item) + "\n" for item in items)
+
+
+def test_start_from_file_starts_every_line(deployment: Deployment, tmp_path: Path) -> None:
+    run = uuid.uuid4().hex[:6]
+    sagas = tmp_path / "sagas.jsonl"
+    sagas.write_text(
+        _jsonl(*({"type": "order", "payload": {"amount": n}, "id": f"from-{run}-{n}"} for n in (1, 2, 3)))
+        + "\n"  # blank lines are skipped
+        + _jsonl({"type": "ping"}, {"type": "order", "payload": '{"amount": 4}'})  # no id; payload as JSON text
+    )
+    result = deployment.start("--from", str(sagas), "--json")
+    assert result.exit_code == 0, result.output
+    started = json.loads(result.stdout)
+    assert [set(s) for s in started] == [{"saga_id", "saga_type", "partition"}] * 5
+    assert [s["saga_id"] for s in started[:3]] == [f"from-{run}-{n}" for n in (1, 2, 3)]
+    assert [s["saga_type"] for s in started] == ["order"] * 3 + ["ping", "order"]
+    assert started[3]["saga_id"].startswith("ping-")
+    for s in started:
+        assert wait_for(lambda s=s: deployment.invoke("status", s["saga_id"]).exit_code == 0, 30, s["saga_id"])
+
+    # Standard input, plain output.
+    lines = _jsonl({"type": "ping"}, {"type": "ping"})
+    plain = CliRunner().invoke(cli, deployment.args("start", "--from", "-", "--definitions", str(deployment.definitions)),
+                               input=lines)
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.startswith("started 2 sagas from -")
+
+
+def test_start_from_file_wait_exit_codes(deployment: Deployment, tmp_path: Path) -> None:
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(_jsonl(*({"type": "order", "payload": {"amount": n}} for n in range(1, 4))))
+    result = deployment.start("--from", str(ok), "--wait", "--timeout", "60")
+    assert result.exit_code == 0, result.output
+    assert "3 sagas: 3 COMPLETED, 0 ABORTED" in result.stdout
+
+    one_aborts = tmp_path / "abort.jsonl"
+    one_aborts.write_text(_jsonl({"type": "order", "payload": {"amount": 1}}, {"type": "order", "payload": {"amount": 5000}}))
+    result = deployment.start("--from", str(one_aborts), "--wait", "--json")
+    assert result.exit_code == 4, result.output
+    rows = json.loads(result.stdout)
+    assert [r["status"] for r in rows] == ["COMPLETED", "ABORTED"] and "declined" in rows[1]["reason"]
+    assert not any(r["timed_out"] for r in rows)
+
+    one_hangs = tmp_path / "hang.jsonl"
+    run = uuid.uuid4().hex[:6]
+    one_hangs.write_text(_jsonl({"type": "ping"}, {"type": "order", "payload": {"amount": 1, "hang": True}, "id": f"hang-{run}"}))
+    result = deployment.start("--from", str(one_hangs), "--wait", "--timeout", "3")
+    assert result.exit_code == 5, result.output
+    assert f"saga hang-{run} is still RUNNING (at reserve)" in result.stderr
+    assert "2 sagas: 1 COMPLETED, 0 ABORTED, 1 not ended after 3 s" in result.stdout
+    assert deployment.invoke("cancel", f"hang-{run}").exit_code == 0
+
+
+def test_start_from_file_with_a_bad_line_starts_nothing(
+    deployment: Deployment, bootstrap: str, make_topics: Callable[..., Topics], tmp_path: Path
+) -> None:
+    from harness import end_offset
+
+    # A deployment without a manager: its inbox shows exactly what was produced.
+    quiet = Deployment(bootstrap, make_topics(partitions=2), deployment.definitions, tmp_path / "state")
+    good = {"type": "order", "payload": {"amount": 1}, "id": "good-1"}
+    cases = [
+        ([good, "", {"type": "order", "payload": {"amount": -3}}], "line 3: payload for saga type 'order' is invalid at amount"),
+        ([good, "{type: order"], "line 2: not valid JSON"),
+        ([good, ["order"]], "line 2: expected a JSON object"),
+        ([good, {"payload": {}}], "line 2: 'type'"),
+        ([good, {"type": "order", "payload": {"amount": 1}, "ID": "x"}], "line 2: unknown key(s) 'ID'"),
+        ([good, {"type": "teleport"}], "line 2: unknown saga type 'teleport'; known types: order, ping"),
+        ([good, {"type": "ping", "id": "a b"}], "line 2: 'a b' is not a valid saga id"),
+        ([good, {"type": "ping", "id": "good-1"}], "line 2: saga id 'good-1' is on line 1 already"),
+        ([], "names no saga"),
+    ]
+    for lines, expected in cases:
+        sagas = tmp_path / "bad.jsonl"
+        sagas.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+        message = one_line_error(quiet.start("--from", str(sagas)))
+        assert expected in message and f"--from {sagas}" in message, (expected, message)
+    assert [end_offset(bootstrap, quiet.topics.inbox, p) for p in range(2)] == [0, 0]
+
+    missing = one_line_error(quiet.start("--from", str(tmp_path / "nope.jsonl")))
+    assert "cannot read --from" in missing
+
+
+def test_start_from_file_refuses_an_id_already_started(deployment: Deployment, tmp_path: Path) -> None:
+    run = uuid.uuid4().hex[:6]
+    assert deployment.start("ping", "--id", f"done-{run}", "--wait").exit_code == 0
+    sagas = tmp_path / "again.jsonl"
+    sagas.write_text(_jsonl({"type": "ping", "id": f"fresh-{run}"}, {"type": "ping", "id": f"done-{run}"}))
+    message = one_line_error(deployment.start("--from", str(sagas)))
+    assert "line 2" in message and "exists already" in message
+
+
+def test_start_from_file_flag_combinations(deployment: Deployment, tmp_path: Path) -> None:
+    sagas = tmp_path / "s.jsonl"
+    sagas.write_text(_jsonl({"type": "ping"}))
+    for args in (("ping", "--from", str(sagas)), ("--from", str(sagas), "--id", "x"),
+                 ("--from", str(sagas), "--payload", "{}"), ("--from", str(sagas), "--timeout", "3")):
+        assert "--help" in one_line_error(deployment.start(*args)), args
+    assert "missing argument 'TYPE'" in one_line_error(deployment.invoke("start"))

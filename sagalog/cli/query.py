@@ -1,9 +1,10 @@
 """``saga start|status|history|list|cancel``: start sagas and look at them.
 
-Every query answers from the read model (:mod:`sagalog.readmodel`): a local SQLite cache of
-the saga log, caught up from the log at each call. No manager needs to be running to answer.
-Starting and cancelling produce a request to ``<prefix>.inbox`` keyed by saga id, which the
-manager owning that partition picks up.
+Every command goes through :class:`sagalog.client.SagaClient`, the API services use too: queries
+answer from the read model (:mod:`sagalog.readmodel`), a local SQLite cache of the saga log caught
+up from the log at each call, so no manager needs to be running to answer; starting and cancelling
+produce a request to ``<prefix>.inbox`` keyed by saga id, which the manager owning that partition
+picks up. ``saga start --from FILE`` starts many sagas with one flush.
 
 Exit codes: 0 success; 2 a user mistake (unknown saga or type, bad payload, invalid flags);
 3 the broker is unavailable; with ``--wait``: 4 the saga was ABORTED, 5 timed out waiting.
@@ -12,10 +13,8 @@ Exit codes: 0 success; 2 a user mistake (unknown saga or type, bad payload, inva
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -30,13 +29,13 @@ from sagalog.cli.common import OneLineCommand, bootstrap_option, prefix_option
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from sagalog.client import SagaClient, SagaRequest, SagaTimeout, Started
     from sagalog.definition import DefinitionSet
     from sagalog.fold import SagaState
-    from sagalog.readmodel import HistoryEntry, ReadModel, SagaView
+    from sagalog.readmodel import HistoryEntry, SagaView
 
 EXIT_ABORTED = 4
 EXIT_TIMEOUT = 5
-SAGA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
 STATUSES = ("RUNNING", "COMPENSATING", "COMPLETED", "ABORTED")
 _STATUS_STYLE = {"RUNNING": "cyan", "COMPENSATING": "yellow", "COMPLETED": "green", "ABORTED": "red"}
 _STEP_STYLE = {
@@ -78,21 +77,31 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 
 
 @contextmanager
-def _read_model(
-    bootstrap_servers: str, topic_prefix: str, state_dir: Path | None, client_settings: tuple[str, ...]
-) -> Iterator[ReadModel]:
+def _client(
+    bootstrap_servers: str,
+    topic_prefix: str,
+    state_dir: Path | None,
+    client_settings: tuple[str, ...],
+    definitions: DefinitionSet | None = None,
+) -> Iterator[SagaClient]:
     from sagalog.cli.topics import topics_for
+    from sagalog.client import SagaClient
     from sagalog.kafka import parse_overrides
-    from sagalog.readmodel import ReadModel
 
     _quiet_librdkafka()
+    topics_for(topic_prefix)  # a bad prefix, reported with the flag's name
     overrides = parse_overrides(client_settings)
-    with ReadModel(
-        bootstrap_servers, topics_for(topic_prefix), state_dir=state_dir, overrides=overrides, timeout_s=5.0
-    ) as model:
-        yield model
-        if model.staleness:
-            click.echo(f"warning: {model.staleness}", err=True)
+    with SagaClient(
+        bootstrap_servers,
+        topic_prefix=topic_prefix,
+        definitions=definitions,
+        overrides=overrides,
+        state_dir=state_dir,
+        timeout_s=5.0,
+    ) as client:
+        yield client
+        if client.staleness:
+            click.echo(f"warning: {client.staleness}", err=True)
 
 
 def _quiet_librdkafka() -> None:
@@ -166,7 +175,7 @@ def _load_definitions(paths: tuple[Path, ...]) -> DefinitionSet:
     return DefinitionSet.load(list(paths) or default_definitions())
 
 
-def _payload(payload: str | None, payload_file: Path | None) -> tuple[str, Any]:
+def _payload(payload: str | None, payload_file: Path | None) -> Any:
     from sagalog.errors import ConfigError
 
     source = "--payload"
@@ -177,18 +186,29 @@ def _payload(payload: str | None, payload_file: Path | None) -> tuple[str, Any]:
         except OSError as err:
             raise ConfigError(f"cannot read {source}: {err.strerror or err}") from err
     if payload is None:
-        return "{}", {}
+        return {}
     try:
-        value = json.loads(payload)
+        return json.loads(payload)
     except ValueError as err:
         raise ConfigError(
             f"{source} is not valid JSON ({err}); quote it for the shell, e.g. --payload '{{\"amount\": 250}}'"
         ) from err
-    return json.dumps(value, separators=(",", ":")), value
+
+
+def _with_hint(err: Exception, definitions: tuple[Path, ...], payload_flags: str | None) -> str:
+    """The client's message about a request, plus which flag fixes it."""
+    from sagalog.client import InvalidPayload, UnknownSagaType
+
+    if isinstance(err, UnknownSagaType) and "known types" in str(err):
+        where = ", ".join(map(str, definitions)) if definitions else "the example definitions"
+        return f"{err} (from {where}; pass --definitions to use others)"
+    if isinstance(err, InvalidPayload) and payload_flags:
+        return f"{err}; fix the JSON given with {payload_flags}"
+    return str(err)
 
 
 @cli.command("start", cls=QueryCommand)
-@click.argument("saga_type", metavar="TYPE")
+@click.argument("saga_type", metavar="TYPE", required=False)
 @click.option("--payload", default=None, metavar="JSON", help="The saga's input as JSON (default: {}).")
 @click.option(
     "--payload-file",
@@ -197,12 +217,24 @@ def _payload(payload: str | None, payload_file: Path | None) -> tuple[str, Any]:
     help="Read the payload from this JSON file ('-': standard input).",
 )
 @click.option("--id", "saga_id", default=None, help="Saga id (default: TYPE-<random>); starting an id twice is refused.")
-@click.option("--wait", is_flag=True, help="Block until the saga ends: exit 0 COMPLETED, 4 ABORTED, 5 timed out.")
+@click.option(
+    "--from",
+    "from_file",
+    default=None,
+    metavar="FILE",
+    help='Start many sagas at once: JSON lines {"type": T, "payload": {...}, "id": optional} (\'-\': standard '
+    "input). Every line is checked before any saga is started.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Block until the saga(s) end: exit 0 all COMPLETED, 4 one ABORTED, 5 one not ended in time.",
+)
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="With --wait: give up after this many seconds (default 60).",
+    help="With --wait: give up after this many seconds (default 60; with --from, for all of them).",
 )
 @click.option(
     "--definitions",
@@ -214,10 +246,11 @@ def _payload(payload: str | None, payload_file: Path | None) -> tuple[str, Any]:
 @json_option
 @_common_options
 def start_command(
-    saga_type: str,
+    saga_type: str | None,
     payload: str | None,
     payload_file: Path | None,
     saga_id: str | None,
+    from_file: str | None,
     wait: bool,
     timeout: float | None,
     definitions: tuple[Path, ...],
@@ -227,151 +260,211 @@ def start_command(
     state_dir: Path | None,
     client_settings: tuple[str, ...],
 ) -> None:
-    """Start a saga of type TYPE; with --wait, block until it ends and print the outcome.
+    """Start a saga of type TYPE (or many, --from FILE); with --wait, block until it ends and print the outcome.
 
     The type and payload are checked against the saga definitions first (the managers check
     them again). Example: saga start book-trip --payload '{"flight": "SK-101", "travellers": 2}' --wait
     """
+    from sagalog.client import InvalidPayload, InvalidSagaId, SagaTimeout, UnknownSagaType
     from sagalog.errors import ConfigError
 
     if timeout is not None and not wait:
         raise click.UsageError("--timeout only applies with --wait")
+    if from_file is not None:
+        if saga_type is not None or payload is not None or payload_file is not None or saga_id is not None:
+            raise click.UsageError(
+                "--from FILE names the type, payload and id of each saga on its lines: "
+                "pass no TYPE, --payload, --payload-file or --id with it"
+            )
+        _start_many(
+            from_file, wait, timeout, definitions, as_json, bootstrap_servers, topic_prefix, state_dir, client_settings
+        )
+        return
+    if saga_type is None:
+        raise click.UsageError("missing argument 'TYPE' (or --from FILE to start many sagas)")
     if payload is not None and payload_file is not None:
         raise click.UsageError("pass the payload with --payload or with --payload-file, not both")
-    if saga_id is not None and not SAGA_ID.match(saga_id):
-        raise ConfigError(
-            f"--id {saga_id!r} is not a valid saga id: use up to 200 letters, digits and . _ : @ -, "
-            f"starting with a letter or digit"
-        )
     defs = _load_definitions(definitions)
-    definition = defs.get(saga_type)
-    if definition is None:
-        where = ", ".join(map(str, definitions)) if definitions else "the example definitions"
-        raise ConfigError(
-            f"unknown saga type {saga_type!r}; known types: {', '.join(defs.names())} (from {where}; "
-            f"pass --definitions to use others)"
-        )
-    text, value = _payload(payload, payload_file)
-    try:
-        definition.validate_payload(value)
-    except ConfigError as err:
-        raise ConfigError(f"{err}; fix the JSON given with --payload / --payload-file") from err
-    if saga_id is None:
-        saga_id = f"{saga_type}-{uuid.uuid4().hex[:12]}"
+    value = _payload(payload, payload_file)
 
-    with _read_model(bootstrap_servers, topic_prefix, state_dir, client_settings) as model:
-        existing = model.find(saga_id)
-        if existing is not None:
-            raise ConfigError(
-                f"saga {saga_id!r} exists already ({existing.status.value}); a second start would be ignored: "
-                f"choose another --id, or omit --id for a fresh one"
-            )
-        partition = _send_start(model, saga_id, saga_type, text)
-        started = time.monotonic()
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings, defs) as client:
+        try:
+            started = client.start(saga_type, value, saga_id=saga_id)
+        except InvalidSagaId as err:
+            raise ConfigError(f"--id {err}") from err
+        except (UnknownSagaType, InvalidPayload) as err:
+            raise ConfigError(_with_hint(err, definitions, "--payload / --payload-file")) from err
+        begun = time.monotonic()
         if not wait:
             if as_json:
-                _emit_json({"saga_id": saga_id, "saga_type": saga_type, "partition": partition, "status": None})
+                _emit_json({**started.as_json(), "status": None})
             else:
-                click.echo(f"started saga {saga_id} ({saga_type}); follow it with: saga status {saga_id}")
+                click.echo(f"started saga {started.saga_id} ({saga_type}); follow it with: saga status {started.saga_id}")
             return
         limit = 60.0 if timeout is None else timeout
         if not as_json:
-            click.echo(f"started saga {saga_id} ({saga_type}); waiting up to {limit:g} s for it to end", err=True)
-        state = model.wait_terminal(saga_id, limit)
-        elapsed = time.monotonic() - started
-    _report_outcome(saga_id, saga_type, partition, state, elapsed, limit, as_json, topic_prefix)
-
-
-def _send_start(model: ReadModel, saga_id: str, saga_type: str, payload: str) -> int:
-    """Produce the StartSaga request to the inbox; its partition once the broker has it."""
-    from sagalog.records import StartSaga
-
-    request = StartSaga(saga_id=saga_id, saga_type=saga_type, payload=payload, requested_ms=int(time.time() * 1000))
-    return _produce(model, saga_id, model.codec.encode(request), "start request")
-
-
-def _produce(model: ReadModel, saga_id: str, value: bytes, what: str) -> int:
-    from confluent_kafka import KafkaError, KafkaException, Message, Producer
-
-    from sagalog.errors import BrokerUnavailable, ConfigError
-    from sagalog.kafka import producer_config, translate
-
-    if model.topics.inbox not in model.topic_names():
-        raise ConfigError(
-            f"topic {model.topics.inbox} does not exist at {model.bootstrap}; start a manager ('saga manager') "
-            f"or create the topics ('saga topics create')"
-        )
-    delivered: list[tuple[KafkaError | None, Message]] = []
-    producer = Producer(producer_config(model.bootstrap, overrides=model.overrides))
-    try:
-        producer.produce(
-            model.topics.inbox,
-            value,
-            key=saga_id.encode(),
-            on_delivery=lambda err, msg: delivered.append((err, msg)),
-        )
-        remaining = producer.flush(model.timeout_s)
-    except KafkaException as err:
-        raise translate(err, f"sending the {what} to {model.topics.inbox}") from err
-    if remaining or not delivered:
-        raise BrokerUnavailable(
-            f"the {what} for saga {saga_id} was not acknowledged by {model.bootstrap} within {model.timeout_s:g}s; "
-            f"check the broker and try again (it may still arrive: check with 'saga status {saga_id}')"
-        )
-    error, message = delivered[0]
-    if error is not None:
-        raise translate(error, f"sending the {what} to {model.topics.inbox}")
-    return int(message.partition() or 0)
+            click.echo(f"started saga {started.saga_id} ({saga_type}); waiting up to {limit:g} s for it to end", err=True)
+        try:
+            state: SagaState | None = client.wait(started.saga_id, limit).state
+            timed_out: SagaTimeout | None = None
+        except SagaTimeout as err:
+            state, timed_out = err.state, err
+        elapsed = time.monotonic() - begun
+    _report_outcome(started, state, timed_out, elapsed, as_json)
 
 
 def _report_outcome(
-    saga_id: str,
-    saga_type: str,
-    partition: int,
-    state: SagaState | None,
-    elapsed: float,
-    limit: float,
-    as_json: bool,
-    prefix: str,
+    started: Started, state: SagaState | None, timed_out: SagaTimeout | None, elapsed: float, as_json: bool
 ) -> None:
     status = state.status.value if state is not None else None
-    terminal = state is not None and state.status.terminal
     if as_json:
         _emit_json(
             {
-                "saga_id": saga_id,
-                "saga_type": saga_type,
-                "partition": partition,
+                **started.as_json(),
                 "status": status,
                 "reason": state.reason if state is not None else None,
-                "timed_out": not terminal,
+                "timed_out": timed_out is not None,
                 "elapsed_s": round(elapsed, 3),
             }
         )
-    elif state is None:
-        click.secho(
-            f"error: saga {saga_id} has not begun after {limit:g} s: is a manager running ('saga manager')? "
-            f"Refused start requests go to {prefix}.dead-letters",
-            fg="red",
-            err=True,
-        )
-    elif not terminal:
-        at = ", ".join(s.name for s in state.steps if s.status in ("RUNNING", "COMPENSATING")) or "-"
-        click.secho(
-            f"error: saga {saga_id} is still {status} (at {at}) after {limit:g} s; "
-            f"check it later with 'saga status {saga_id}'",
-            fg="red",
-            err=True,
-        )
+    elif timed_out is not None:
+        click.secho(f"error: {timed_out}", fg="red", err=True)
     else:
-        took = _duration(state.updated_ms - state.started_ms)
-        if status == "COMPLETED":
-            click.secho(f"saga {saga_id} COMPLETED in {took}", fg="green")
-        else:
-            click.secho(f"saga {saga_id} ABORTED after {took}: {state.reason}", fg="red")
-    if not terminal:
+        assert state is not None
+        _print_end(state)
+    if timed_out is not None:
         sys.exit(EXIT_TIMEOUT)
     if status == "ABORTED":
+        sys.exit(EXIT_ABORTED)
+
+
+def _print_end(state: SagaState) -> None:
+    took = _duration(state.updated_ms - state.started_ms)
+    if state.status.value == "COMPLETED":
+        click.secho(f"saga {state.saga_id} COMPLETED in {took}", fg="green")
+    else:
+        click.secho(f"saga {state.saga_id} ABORTED after {took}: {state.reason}", fg="red")
+
+
+def _read_lines(source: str) -> list[str]:
+    from sagalog.errors import ConfigError
+
+    try:
+        return (sys.stdin.read() if source == "-" else Path(source).read_text()).splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise ConfigError(f"cannot read --from {source}: {why}") from err
+
+
+_LINE_KEYS = ("type", "payload", "id")
+
+
+def _requests_from(
+    source: str, lines: list[str], client: SagaClient, definitions: tuple[Path, ...]
+) -> list[tuple[int, SagaRequest]]:
+    """Every non-blank line as a checked request with its line number; the first bad line raises."""
+    from sagalog.client import SagaRequest
+    from sagalog.errors import ConfigError
+
+    example = '{"type": "book-trip", "payload": {"travellers": 2}, "id": "optional"}'
+    out: list[tuple[int, SagaRequest]] = []
+    ids: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--from {source} line {number}"
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise ConfigError(f"{where}: not valid JSON ({err}); each line is one saga, e.g. {example}") from err
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a JSON object, e.g. {example}")
+        unknown = sorted(set(item) - set(_LINE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a line has 'type', 'payload' and 'id'")
+        if not isinstance(item.get("type"), str):
+            raise ConfigError(f"{where}: 'type' (the saga type, a string) is missing, e.g. {example}")
+        saga_id = item.get("id")
+        if saga_id is not None and not isinstance(saga_id, str):
+            raise ConfigError(f"{where}: 'id' must be a string (or left out for a fresh one)")
+        if saga_id is not None and saga_id in ids:
+            raise ConfigError(f"{where}: saga id {saga_id!r} is on line {ids[saga_id]} already; each saga needs its own id")
+        request = SagaRequest(item["type"], item.get("payload"), saga_id)
+        try:
+            client.validate(request)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {_with_hint(err, definitions, None)}") from err
+        if saga_id is not None:
+            ids[saga_id] = number
+        out.append((number, request))
+    if not out:
+        raise ConfigError(f"--from {source} names no saga: write one JSON object per line, e.g. {example}")
+    return out
+
+
+def _start_many(
+    source: str,
+    wait: bool,
+    timeout: float | None,
+    definitions: tuple[Path, ...],
+    as_json: bool,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    state_dir: Path | None,
+    client_settings: tuple[str, ...],
+) -> None:
+    """``saga start --from FILE``: check every line, start them all (one flush), optionally wait."""
+    from sagalog.client import SagaExists, SagaTimeout
+    from sagalog.errors import ConfigError
+
+    lines = _read_lines(source)
+    defs = _load_definitions(definitions)
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings, defs) as client:
+        numbered = _requests_from(source, lines, client, definitions)
+        try:
+            started = client.start_many(request for _, request in numbered)
+        except SagaExists as err:
+            line = next(n for n, r in numbered if r.saga_id == err.saga_id)
+            raise ConfigError(f"--from {source} line {line}: {err}") from err
+        if not wait:
+            if as_json:
+                _emit_json([s.as_json() for s in started])
+            else:
+                click.echo(f"started {len(started)} sagas from {source}; follow them with: saga list")
+            return
+        limit = 60.0 if timeout is None else timeout
+        if not as_json:
+            click.echo(f"started {len(started)} sagas from {source}; waiting up to {limit:g} s for them to end", err=True)
+        outcomes = list(client.wait_all((s.saga_id for s in started), limit))
+    rows = []
+    for s, outcome in zip(started, outcomes, strict=True):
+        state = outcome.state
+        rows.append(
+            {
+                **s.as_json(),
+                "status": None if state is None else state.status.value,
+                "reason": None if state is None else state.reason,
+                "timed_out": isinstance(outcome, SagaTimeout),
+            }
+        )
+    timed_out = sum(1 for r in rows if r["timed_out"])
+    aborted = sum(1 for r in rows if r["status"] == "ABORTED" and not r["timed_out"])
+    if as_json:
+        _emit_json(rows)
+    else:
+        for outcome in outcomes:
+            if isinstance(outcome, SagaTimeout):
+                click.secho(f"error: {outcome}", fg="red", err=True)
+            elif not outcome.completed:
+                _print_end(outcome.state)
+        completed = len(rows) - aborted - timed_out
+        summary = f"{len(rows)} sagas: {completed} COMPLETED, {aborted} ABORTED"
+        if timed_out:
+            summary += f", {timed_out} not ended after {limit:g} s"
+        click.secho(summary, fg="green" if completed == len(rows) else "red")
+    if timed_out:
+        sys.exit(EXIT_TIMEOUT)
+    if aborted:
         sys.exit(EXIT_ABORTED)
 
 
@@ -447,8 +540,8 @@ def status_command(
     client_settings: tuple[str, ...],
 ) -> None:
     """Show a saga: its status, current step(s), every step's state and the time line of its records."""
-    with _read_model(bootstrap_servers, topic_prefix, state_dir, client_settings) as model:
-        view = model.view(saga_id)
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
+        view = client.view(saga_id)
     if as_json:
         _emit_json(_view_json(view))
         return
@@ -533,8 +626,8 @@ def history_command(
     from rich.markup import escape
     from rich.table import Table
 
-    with _read_model(bootstrap_servers, topic_prefix, state_dir, client_settings) as model:
-        entries = model.history(saga_id)
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
+        entries = client.history(saga_id)
     if as_json:
         _emit_json([entry.as_json() for entry in entries])
         return
@@ -585,13 +678,10 @@ def list_command(
     from rich.markup import escape
     from rich.table import Table
 
-    from sagalog.records import SagaStatus
-
-    wanted = SagaStatus(status.upper()) if status else None
-    with _read_model(bootstrap_servers, topic_prefix, state_dir, client_settings) as model:
-        sagas = model.list_sagas(status=wanted, saga_type=saga_type, limit=limit or None)
-        matching = model.count(status=wanted, saga_type=saga_type)
-        counts = model.counts_by_status()
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
+        sagas = client.list(status=status, saga_type=saga_type, limit=limit)
+        matching = client.count(status=status, saga_type=saga_type)
+        counts = client.counts()
     if as_json:
         _emit_json([s.as_json() for s in sagas])
         return
@@ -631,15 +721,6 @@ def cancel_command(
     client_settings: tuple[str, ...],
 ) -> None:
     """Ask the managers to cancel a running saga: it compensates its completed steps and ends ABORTED."""
-    from sagalog.errors import ConfigError
-    from sagalog.records import CancelSaga, SagaStatus
-
-    with _read_model(bootstrap_servers, topic_prefix, state_dir, client_settings) as model:
-        state = model.get(saga_id)
-        if state.status.terminal:
-            raise ConfigError(f"saga {saga_id!r} has already finished ({state.status.value}); nothing to cancel")
-        if state.status is SagaStatus.COMPENSATING:
-            raise ConfigError(f"saga {saga_id!r} is already being compensated ({state.reason}); nothing to cancel")
-        request = CancelSaga(saga_id=saga_id, reason=reason, requested_ms=int(time.time() * 1000))
-        _produce(model, saga_id, model.codec.encode(request), "cancel request")
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
+        client.cancel(saga_id, reason=reason)
     click.echo(f"cancel requested for saga {saga_id}; follow it with: saga status {saga_id}")
