@@ -2,5 +2,4 @@
 
 * :mod:`manager.decide`  - pure decisions: (state, input, now) -> log records + commands
 * :mod:`manager.runtime` - the thin I/O loop: poll, decode, decide, write in one transaction, commit
-* :mod:`manager.supervisor` - ``saga manager --replicas N``
 """

@@ -47,7 +47,7 @@ class ManagerProcess:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.args = [
-            sys.executable, "-m", "sagalog.cli", "manager",
+            sys.executable, "-m", "sagacli", "manager",
             "-b", bootstrap, "--topic-prefix", topics.prefix, "--group-id", f"{topics.prefix}-managers",
             "--definitions", str(definitions), "--partitions", str(partitions),
             "--session-timeout-ms", str(session_timeout_ms), "--log-level", "INFO", *extra,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import percentile, summary
-from benchmarks.report import lookup
-from benchmarks.wire import LogPeek, StartEncoder, Template, saga_history
 from participants.examples import EXAMPLE_DEFINITIONS_DIR
+from sagacli.bench.common import percentile, summary
+from sagacli.bench.report import lookup
+from sagacli.bench.wire import LogPeek, StartEncoder, Template, saga_history
 from sagalog.codec import Codec
 from sagalog.definition import DefinitionSet
 from sagalog.records import SagaLogRecord, StartSaga
@@ -87,7 +87,7 @@ def test_quick_bench_writes_every_file_and_figure(bootstrap: str, tmp_path: Path
     out = tmp_path / "bench"
     done = subprocess.run(
         [
-            sys.executable, "-m", "sagalog.cli", "bench", "--quick", "--scale", "0.3", "--no-progress",
+            sys.executable, "-m", "sagacli", "bench", "--quick", "--scale", "0.3", "--no-progress",
             "-b", bootstrap, "--out", str(out),
         ],
         cwd=PROJECT_ROOT,

@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, NewTopic, ResourceType
 
-import sagalog.cli.broker
-import sagalog.cli.topics  # noqa: F401 - registers `saga topics` on the group
+import sagacli.cli.broker
+import sagacli.cli.topics  # noqa: F401 - registers `saga topics` on the group
+from sagacli.cli import cli
 from sagalog.broker import EmbeddedBroker, free_port
-from sagalog.cli import cli
 from sagalog.config import Topics
 from sagalog.errors import BrokerError, BrokerUnavailable, ConfigError, TopicMismatch
 from sagalog.kafka import check_reachable
@@ -236,7 +236,7 @@ def test_saga_broker_command_serves_until_signalled(stop_signal):
         [
             sys.executable,
             "-m",
-            "sagalog.cli",
+            "sagacli.cli",
             "broker",
             "--port",
             "0",

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from sagalog.chaos import Chaos, ChaosSettings, draw_schedule
+from sagacli.chaos import Chaos, ChaosSettings, draw_schedule
 
 SEED = int(os.environ.get("SAGA_CHAOS_SEED", "11"))
 

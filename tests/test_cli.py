@@ -1,6 +1,6 @@
 """``saga start|status|history|list|cancel`` against a real manager process and a scripted participant.
 
-Most tests go through click's CliRunner (fast, in-process); a few run ``python -m sagalog.cli``
+Most tests go through click's CliRunner (fast, in-process); a few run ``python -m sagacli``
 as a real subprocess, as a user would. Every error case must come out as one line on stderr,
 a non-zero exit code and no traceback.
 """
@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 from harness import ManagerProcess, ScriptedParticipant, reply_to, wait_for
 
-from sagalog.cli import _register, cli
+from sagacli.cli import _register, cli
 from sagalog.config import Topics
 from sagalog.records import Action, ParticipantCommand, ParticipantReply, ReplyOutcome
 from sagalog.topics import ensure_topics
@@ -313,7 +313,7 @@ def test_unreachable_broker_in_process() -> None:
 
 
 def saga(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sagalog.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "sagacli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_subprocess_start_wait_and_status(deployment: Deployment) -> None:

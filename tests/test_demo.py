@@ -29,7 +29,7 @@ def gone(pid: int) -> bool:
 def test_demo_reduced_size_passes_its_checks(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "sagalog.cli", "demo", "--sagas", "40", "--report-json", str(report_path)],
+        [sys.executable, "-m", "sagacli", "demo", "--sagas", "40", "--report-json", str(report_path)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -85,7 +85,7 @@ def test_demo_ctrl_c_stops_everything_it_started(bootstrap: str, tmp_path: Path)
     out = tmp_path / "out.txt"
     with open(out, "w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sagalog.cli", "demo", "--sagas", "500", "--rate", "5",
+            [sys.executable, "-m", "sagacli", "demo", "--sagas", "500", "--rate", "5",
              "--bootstrap-servers", bootstrap, "--work-dir", str(tmp_path / "work")],
             stdout=sink,
             stderr=subprocess.STDOUT,

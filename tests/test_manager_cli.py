@@ -12,7 +12,7 @@ from harness import wait_for
 
 from sagalog.broker import free_port
 
-SAGA = [sys.executable, "-m", "sagalog.cli"]
+SAGA = [sys.executable, "-m", "sagacli"]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -74,7 +74,7 @@ def run_participant(bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., su
             env[CRASH_AFTER_COMMIT_ENV] = "1"
         log = open(tmp_path / f"participant-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sagalog.cli", "participant", "run", "flights",
+            [sys.executable, "-m", "sagacli", "participant", "run", "flights",
              "--db-dir", str(tmp_path / "db"), "-b", bootstrap, "--topic-prefix", topics.prefix,
              "--capacity", "10", "--session-timeout-ms", "6000"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

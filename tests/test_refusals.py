@@ -33,7 +33,7 @@ def broker_min_session_ms(bootstrap: str) -> int | None:
 def test_a_manager_below_the_brokers_minimum_session_timeout_fails_fast_with_one_line(bootstrap: str, topics) -> None:
     minimum = broker_min_session_ms(bootstrap)
     args = [
-        sys.executable, "-m", "sagalog.cli", "manager", "-b", bootstrap, "--topic-prefix", topics.prefix,
+        sys.executable, "-m", "sagacli", "manager", "-b", bootstrap, "--topic-prefix", topics.prefix,
         "--partitions", "4", "--session-timeout-ms", "3000",
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

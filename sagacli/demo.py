@@ -5,7 +5,7 @@ What it does, in order:
 1. starts the embedded broker on a free port (or uses ``--bootstrap-servers``) and creates the
    topics: the log, the inbox, the dead letters and one command topic per example participant;
 2. starts the example participants (flights, hotels, cars, credit, payments) as one process and
-   N manager replicas as N processes (``python -m sagalog.cli ...``, real OS processes), and waits
+   N manager replicas as N processes (``python -m sagacli ...``, real OS processes), and waits
    until the managers have claimed every log partition and the participants have joined. Each
    step takes ``--step-time-ms`` (100-500 ms by default, pipelined: the participants' outbox
    relay holds each reply that long), so a few sagas are always in flight on every manager;
@@ -202,7 +202,7 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 @dataclass(eq=False)  # identity: a process is itself, not its fields
 class Child:
-    """A process the demo started: ``python -m sagalog.cli ARGS`` with its output in a log file."""
+    """A process the demo started: ``python -m sagacli ARGS`` with its output in a log file."""
 
     name: str
     args: list[str]
@@ -216,7 +216,7 @@ class Child:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.killed = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sagalog.cli", *self.args],
+            [sys.executable, "-m", "sagacli", *self.args],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -448,7 +448,7 @@ class Demo:
         self.console.print(escape(line))
 
     def _manager_args(self) -> list[str]:
-        from sagalog.cli.manager import default_definitions
+        from sagacli.cli.manager import default_definitions
 
         return [
             "manager",

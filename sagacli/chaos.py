@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sagacli.demo import PARTICIPANTS, Child, PlannedSaga, plan_sagas
 from sagalog.config import Topics
-from sagalog.demo import PARTICIPANTS, Child, PlannedSaga, plan_sagas
 from sagalog.errors import ConfigError, SagaError
 
 FAULT_KINDS = ("kill", "freeze", "participant")
@@ -175,7 +175,7 @@ class Chaos:
     # -- processes ---------------------------------------------------------------------------
 
     def _manager(self, name: str) -> Child:
-        from sagalog.cli.manager import default_definitions
+        from sagacli.cli.manager import default_definitions
 
         args = [
             "manager", "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,

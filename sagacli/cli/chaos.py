@@ -1,4 +1,4 @@
-"""``saga chaos``: a seeded fault run against a real deployment, with a verdict (see sagalog.chaos)."""
+"""``saga chaos``: a seeded fault run against a real deployment, with a verdict (see sagacli.chaos)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sagalog.cli import cli
+from sagacli.cli import cli
 
 
 @cli.command("chaos")
@@ -32,7 +32,7 @@ def chaos_command(
 ) -> None:  # fmt: skip
     """Run a deployment under load and seeded faults, heal it, and check that nothing was lost,
     doubled or left half done. Exit 1 if an invariant broke; the same seed replays the same faults."""
-    from sagalog.chaos import Chaos, ChaosSettings
+    from sagacli.chaos import Chaos, ChaosSettings
 
     settings = ChaosSettings(
         seed=seed, duration_s=duration, managers=managers, partitions=partitions, rate=rate,

@@ -1,7 +1,7 @@
 """2. Throughput and 3. latency, end to end: real manager and no-op participant processes.
 
 A :class:`Rig` is one deployment under test (its own topic prefix, managers started with
-``python -m sagalog.cli manager``, no-op participants with ``... participant run noop``), plus the
+``python -m sagacli manager``, no-op participants with ``... participant run noop``), plus the
 bench's generator and log tailer. It is ready when the log's partition claims show every
 partition owned by one of its managers and a few warm-up sagas have completed.
 
@@ -33,12 +33,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import profile as profiling
-from benchmarks.cluster import Child, Deployment, wait_until
-from benchmarks.common import Context, CpuMeter, messages_per_saga, summary
-from benchmarks.load import Generator, HopTracer, LogTailer, Sent, now_ms, saga_ids
-from benchmarks.wire import StartEncoder
 from participants.examples import EXAMPLE_DEFINITIONS_DIR
+from sagacli.bench import profile as profiling
+from sagacli.bench.cluster import Child, Deployment, wait_until
+from sagacli.bench.common import Context, CpuMeter, messages_per_saga, summary
+from sagacli.bench.load import Generator, HopTracer, LogTailer, Sent, now_ms, saga_ids
+from sagacli.bench.wire import StartEncoder
 from sagalog.definition import DefinitionSet, SagaDefinition
 
 BENCH_DEFINITIONS = EXAMPLE_DEFINITIONS_DIR / "bench.yaml"

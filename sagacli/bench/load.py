@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from benchmarks.wire import LogPeek, StartEncoder
+from sagacli.bench.wire import LogPeek, StartEncoder
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.errors import DecodeError
@@ -298,7 +298,7 @@ class HopTracer:
 
     def breakdown(self, sent: dict[bytes, float], steps: list[str]) -> dict[str, float | int]:
         """Median of each hop over the traced sagas that completed (per step for the step hops)."""
-        from benchmarks.common import percentile
+        from sagacli.bench.common import percentile
 
         hops: dict[str, list[float]] = {"start_to_begun": [], "decision_to_command": [], "command_to_reply": [], "reply_to_decision": []}
         complete = 0

@@ -26,7 +26,7 @@ class Supervisor:
         self.running = True
 
     def _spawn(self, index: int) -> None:
-        cmd = [sys.executable, "-m", "sagalog.cli", "manager", *self.replica_args]
+        cmd = [sys.executable, "-m", "sagacli", "manager", *self.replica_args]
         self.procs[index] = subprocess.Popen(cmd)
         log.info("replica %d started (pid %d)", index, self.procs[index].pid)
 

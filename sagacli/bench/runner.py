@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ceiling, memory, query, recovery, replay, report, sagas
-from benchmarks.cluster import Processes
-from benchmarks.common import Context, Progress, loadavg
-from benchmarks.config import PARTS, BenchConfig
+from sagacli.bench import ceiling, memory, query, recovery, replay, report, sagas
+from sagacli.bench.cluster import Processes
+from sagacli.bench.common import Context, Progress, loadavg
+from sagacli.bench.config import PARTS, BenchConfig
 from sagalog.kafka import session_timeout_bounds
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """4. Replay: how fast a manager rebuilds a partition it is assigned, and how soon it resumes work.
 
 A log partition is filled directly with the records a manager would have written (built with
-``manager.decide``, see :func:`benchmarks.wire.saga_history`): a claim by a previous owner, then
+``manager.decide``, see :func:`sagacli.bench.wire.saga_history`): a claim by a previous owner, then
 sagas whose records interleave as concurrent sagas do, most of them complete (8 records each)
 and ``replay_live_share`` of them unfinished (4 records: their second step is in flight).
 
@@ -22,11 +22,11 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from benchmarks.cluster import delete_topics
-from benchmarks.common import Context
-from benchmarks.sagas import BENCH_DEFINITIONS, bench_definition
-from benchmarks.wire import Template, saga_history
 from manager.runtime import Manager, ManagerSettings
+from sagacli.bench.cluster import delete_topics
+from sagacli.bench.common import Context
+from sagacli.bench.sagas import BENCH_DEFINITIONS, bench_definition
+from sagacli.bench.wire import Template, saga_history
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import DecodeError

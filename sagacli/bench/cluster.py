@@ -1,6 +1,6 @@
 """The processes a benchmark starts (managers, participants, profilers) and their cleanup.
 
-Every child is started through the project's CLI (``python -m sagalog.cli ...``) in its own
+Every child is started through the project's CLI (``python -m sagacli ...``) in its own
 session, so a Ctrl-C in the terminal reaches only the bench, which then kills its children in
 order. On Linux the children also get PR_SET_PDEATHSIG: if the bench itself is SIGKILLed, they
 die with it instead of loading the machine forever.
@@ -171,7 +171,7 @@ class Deployment:
         child = self.procs.spawn(
             f"{self.prefix}-manager-{n}",
             [
-                PYTHON, "-m", "sagalog.cli", "manager",
+                PYTHON, "-m", "sagacli", "manager",
                 "-b", self.bootstrap,
                 "--topic-prefix", self.prefix,
                 "--group-id", f"{self.prefix}-managers",
@@ -189,7 +189,7 @@ class Deployment:
         child = self.procs.spawn(
             f"{self.prefix}-participant-{n}",
             [
-                PYTHON, "-m", "sagalog.cli", "participant", "run", name,
+                PYTHON, "-m", "sagacli", "participant", "run", name,
                 "-b", self.bootstrap,
                 "--topic-prefix", self.prefix,
                 "--db-dir", str(self.procs.log_dir / f"{self.prefix}-db"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from sagalog.cli.common import main_group
+from sagacli.cli.common import main_group
 
 
 @click.group(cls=main_group())
@@ -19,13 +19,13 @@ def cli() -> None:
 
 def _register() -> None:
     # Each module adds its commands to ``cli``; kept in one list so the CLI reference is easy to find.
-    from sagalog.cli import broker, topics  # noqa: F401
+    from sagacli.cli import broker, topics  # noqa: F401
 
     for optional in ("manager", "participant", "query", "demo", "bench", "chaos"):
         try:
-            __import__(f"sagalog.cli.{optional}")
+            __import__(f"sagacli.cli.{optional}")
         except ModuleNotFoundError as err:  # a command family not written yet
-            if err.name != f"sagalog.cli.{optional}":
+            if err.name != f"sagacli.cli.{optional}":
                 raise
 
 

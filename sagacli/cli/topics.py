@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from sagalog.cli import cli
-from sagalog.cli.common import bootstrap_option, prefix_option
+from sagacli.cli import cli
+from sagacli.cli.common import bootstrap_option, prefix_option
 
 if TYPE_CHECKING:
     from sagalog.config import Topics

@@ -1,6 +1,6 @@
 """``saga bench``: measure throughput, latency, replay, recovery, memory and query speed.
 
-The code lives in the ``benchmarks`` package; this module only parses the command line.
+The code lives in the ``sagacli.bench`` package; this module only parses the command line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from sagalog.cli import cli
+from sagacli.cli import cli
 
 _PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query")
 
@@ -54,8 +54,8 @@ def bench_command(
     'saga status' latency with many sagas in the log. Writes OUT/bench.json (every figure and the
     environment), OUT/bench.md (tables, targets beside the values) and OUT/*.png.
     """
-    from benchmarks.config import BenchConfig
-    from benchmarks.runner import run_bench
+    from sagacli.bench.config import BenchConfig
+    from sagacli.bench.runner import run_bench
 
     base = BenchConfig.for_quick() if quick else BenchConfig.full()
     config = replace(base.scaled(scale), skip=frozenset(skip), profile=profile)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from sagalog.cli import cli
-from sagalog.cli.common import OneLineCommand, bootstrap_option, prefix_option
+from sagacli.cli import cli
+from sagacli.cli.common import OneLineCommand, bootstrap_option, prefix_option
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -84,7 +84,7 @@ def _client(
     client_settings: tuple[str, ...],
     definitions: DefinitionSet | None = None,
 ) -> Iterator[SagaClient]:
-    from sagalog.cli.topics import topics_for
+    from sagacli.cli.topics import topics_for
     from sagalog.client import SagaClient
     from sagalog.kafka import parse_overrides
 
@@ -169,7 +169,7 @@ def _short(text: str | None, width: int = 60) -> str:
 
 
 def _load_definitions(paths: tuple[Path, ...]) -> DefinitionSet:
-    from sagalog.cli.manager import default_definitions
+    from sagacli.cli.manager import default_definitions
     from sagalog.definition import DefinitionSet
 
     return DefinitionSet.load(list(paths) or default_definitions())

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import TARGETS, Target
+from sagacli.bench.config import TARGETS, Target
 
 JSON_NAME = "bench.json"
 MARKDOWN_NAME = "bench.md"

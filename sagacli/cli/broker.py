@@ -8,8 +8,8 @@ from types import FrameType
 
 import click
 
-from sagalog.cli import cli
-from sagalog.cli.common import prefix_option
+from sagacli.cli import cli
+from sagacli.cli.common import prefix_option
 
 
 @cli.command("broker")
@@ -46,8 +46,8 @@ def broker_command(
     Storage is in memory: every topic vanishes when it stops. For anything that must survive,
     point --bootstrap-servers at a real Kafka cluster instead.
     """
+    from sagacli.cli.topics import topics_for
     from sagalog.broker import EmbeddedBroker
-    from sagalog.cli.topics import topics_for
     from sagalog.errors import BrokerError
 
     stop = threading.Event()

@@ -24,8 +24,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cluster import Child
-from benchmarks.common import Context
+from sagacli.bench.cluster import Child
+from sagacli.bench.common import Context
 
 _KAFKA_CALL = re.compile(
     r"\.(consume|poll|commit_transaction|send_offsets_to_transaction|begin_transaction|abort_transaction|produce|"
@@ -117,7 +117,7 @@ def summarize(path: Path, *, wall_clock: bool, top: int = 15) -> dict[str, Any]:
         categories[f"kafka client: {call.group(1)}" if call else "python"] += n
         if len(top_self) < top:
             top_self.append({"frame": frame, "code": code, "share": round(n / total, 4)})
-    skip = ("<module>", "_run_code", "_run_module_as_main", "click/", "sagalog/cli/", "threading.py", "Manager.run ")
+    skip = ("<module>", "_run_code", "_run_module_as_main", "click/", "sagacli/cli/", "threading.py", "Manager.run ")
     top_inclusive = [
         {"function": f, "share": round(n / total, 4)}
         for f, n in inclusive.most_common()

@@ -15,8 +15,8 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
-from benchmarks.cluster import delete_topics
-from benchmarks.common import Context
+from sagacli.bench.cluster import delete_topics
+from sagacli.bench.common import Context
 from sagalog.kafka import admin_client, producer_config, reader_config
 from sagalog.topics import quiet_client
 

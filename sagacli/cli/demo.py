@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from sagalog.cli import cli
-from sagalog.cli.query import QueryCommand
+from sagacli.cli import cli
+from sagacli.cli.query import QueryCommand
 
 
 @cli.command("demo", cls=QueryCommand)
@@ -102,7 +102,7 @@ def demo_command(
     from rich.markup import escape
 
     from participants.examples import parse_step_time_ms
-    from sagalog.demo import Demo, DemoReport, DemoSettings, Interrupted, print_report, query_hints
+    from sagacli.demo import Demo, DemoReport, DemoSettings, Interrupted, print_report, query_hints
 
     console = Console(highlight=False)
     if not console.is_terminal:

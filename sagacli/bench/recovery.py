@@ -18,9 +18,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.common import Context
-from benchmarks.load import now_ms, saga_ids
-from benchmarks.sagas import Rig
+from sagacli.bench.common import Context
+from sagacli.bench.load import now_ms, saga_ids
+from sagacli.bench.sagas import Rig
 
 
 def run(ctx: Context) -> dict[str, Any]:

@@ -77,12 +77,12 @@ class StartEncoder:
         raw = _schema_json(START_SAGA)
         fields = [f["name"] for f in raw["fields"]]
         if fields != ["saga_id", "saga_type", "payload", "requested_ms"]:
-            raise RuntimeError(f"StartSaga fields changed ({fields}): update benchmarks/wire.py")
+            raise RuntimeError(f"StartSaga fields changed ({fields}): update sagacli/bench/wire.py")
         self._header = MAGIC + codec.fingerprints[START_SAGA]
         self._middle = encode_string(saga_type) + encode_string(payload)
         probe = StartSaga(saga_id="probe-1", saga_type=saga_type, payload=payload, requested_ms=1_700_000_000_123)
         if self.encode("probe-1", probe.requested_ms) != codec.encode(probe):
-            raise RuntimeError("the hand-written StartSaga encoding differs from the codec's: update benchmarks/wire.py")
+            raise RuntimeError("the hand-written StartSaga encoding differs from the codec's: update sagacli/bench/wire.py")
 
     def encode(self, saga_id: str, requested_ms: int) -> bytes:
         return b"".join((self._header, encode_string(saga_id), self._middle, encode_long(requested_ms)))
@@ -108,7 +108,7 @@ class LogPeek:
         fields = raw["fields"]
         names = [f["name"] for f in fields[:5]]
         if names != ["saga_id", "seq", "epoch", "timestamp_ms", "event"]:
-            raise RuntimeError(f"SagaLogRecord field order changed ({names}): update benchmarks/wire.py")
+            raise RuntimeError(f"SagaLogRecord field order changed ({names}): update sagacli/bench/wire.py")
         self.events = [t if isinstance(t, str) else t["name"] for t in fields[4]["type"]]
         self.events = [e.rpartition(".")[2] for e in self.events]
         self._header = MAGIC + schema_fingerprint(raw)
@@ -131,7 +131,7 @@ class LogPeek:
         got = self.peek(codec.encode(record))
         want = Peeked(record.seq, record.epoch, record.timestamp_ms, type(record.event).__name__)
         if got != want:
-            raise RuntimeError(f"LogPeek read {got}, the codec wrote {want}: update benchmarks/wire.py")
+            raise RuntimeError(f"LogPeek read {got}, the codec wrote {want}: update sagacli/bench/wire.py")
 
 
 class Template:

@@ -16,10 +16,10 @@ from types import FrameType
 
 import click
 
-from sagalog.cli import cli
-from sagalog.cli.common import bootstrap_option, prefix_option
+from sagacli.cli import cli
+from sagacli.cli.common import bootstrap_option, prefix_option
 
-_log = logging.getLogger("sagalog.cli.participant")
+_log = logging.getLogger("sagacli.cli.participant")
 
 
 @cli.group("participant")
@@ -113,7 +113,7 @@ def run_command(
     """
     from participants.examples import ExampleOptions, build_participant, example_for, parse_step_time_ms
     from participants.sdk import Participant
-    from sagalog.cli.topics import topics_for
+    from sagacli.cli.topics import topics_for
     from sagalog.errors import ConfigError, SagaError
     from sagalog.kafka import check_reachable, check_session_timeout, existing_topics, parse_overrides
 

@@ -25,10 +25,10 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from benchmarks.cluster import delete_topics
-from benchmarks.common import Context, summary
-from benchmarks.sagas import bench_definition
-from benchmarks.wire import Template, saga_history
+from sagacli.bench.cluster import delete_topics
+from sagacli.bench.common import Context, summary
+from sagacli.bench.sagas import bench_definition
+from sagacli.bench.wire import Template, saga_history
 from sagalog.config import Topics
 from sagalog.kafka import producer_config
 from sagalog.topics import ensure_topics
@@ -132,7 +132,7 @@ def _run(ctx: Context, topics: Topics) -> dict[str, Any]:
         t0 = time.perf_counter()
         done = subprocess.run(
             [
-                sys.executable, "-m", "sagalog.cli", "status", saga_id, "--json",
+                sys.executable, "-m", "sagacli", "status", saga_id, "--json",
                 "-b", ctx.bootstrap, "--topic-prefix", topics.prefix, "--state-dir", str(state_dir),
             ],
             capture_output=True,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from sagalog.cli import cli
-from sagalog.cli.common import bootstrap_option, prefix_option
+from sagacli.cli import cli
+from sagacli.cli.common import bootstrap_option, prefix_option
 
 
 def default_definitions() -> list[Path]:
@@ -53,7 +53,7 @@ def manager_command(
     """Run a saga manager replica (stateless: it rebuilds from the saga log on assignment)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     if replicas > 1:
-        from manager.supervisor import Supervisor
+        from sagacli.supervisor import Supervisor
 
         args = [arg for arg in sys.argv[1:] if arg != "manager"]
         args = _without_option(args, "--replicas")
