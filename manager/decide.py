@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sagalog.definition import SagaDefinition
+from sagalog.definition import DefinitionSet, SagaDefinition
+from sagalog.errors import ConfigError
 from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin
 from sagalog.records import (
     Action,
+    CancelSaga,
     CompensationBegun,
     CompensationEnded,
     Event,
@@ -101,6 +103,42 @@ def reject(state: SagaState | None, why: str) -> Decision:
 
 
 # --- inputs ---------------------------------------------------------------------------------
+
+
+def on_inbox(
+    state: SagaState | None,
+    finished: bool,
+    item: object,
+    definitions: DefinitionSet,
+    ctx: Context,
+) -> Decision:
+    """Everything that arrives on the inbox, for the saga its key names: the routing rules.
+
+    ``state`` is the saga if it is live, ``finished`` whether it ended recently. Unknown saga
+    types, payloads that are not JSON or break the definition's schema, replies and cancels for a
+    saga nobody knows, and records that do not belong on the inbox are rejected (dead-lettered
+    with the reason); late replies and cancels for a saga that has ended are ignored.
+    """
+    if isinstance(item, StartSaga):
+        definition = definitions.get(item.saga_type)
+        if definition is None:
+            return reject(state, f"unknown saga type {item.saga_type!r} (known: {', '.join(definitions.names())})")
+        try:
+            definition.validate_payload(json.loads(item.payload))
+        except ValueError as bad:
+            return reject(state, f"payload is not JSON: {bad}")
+        except ConfigError as bad:
+            return reject(state, str(bad))
+        return on_start(state, finished, item, definition, ctx)
+    if not isinstance(item, ParticipantReply | CancelSaga):
+        return reject(state, f"{type(item).__name__} does not belong on the inbox")
+    if state is None:
+        if finished:
+            return ignore(None, f"{type(item).__name__} for saga {item.saga_id}, which has ended")
+        return reject(None, f"{type(item).__name__} for unknown saga {item.saga_id!r}")
+    if isinstance(item, ParticipantReply):
+        return on_reply(state, item, ctx)
+    return on_cancel(state, item.reason, ctx)
 
 
 def on_start(existing: SagaState | None, finished: bool, request: StartSaga, definition: SagaDefinition, ctx: Context) -> Decision:

@@ -20,7 +20,6 @@ One consumer group on the inbox. Owning inbox partition p means owning log parti
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import os
 import socket
@@ -45,14 +44,12 @@ from manager import decide
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
-from sagalog.errors import BrokerError, ConfigError, DecodeError, Fenced, FoldError
+from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState, fold_newest
 from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate, where
 from sagalog.records import (
-    CancelSaga,
     DeadLetter,
     ParticipantCommand,
-    ParticipantReply,
     PartitionClaim,
     StartSaga,
 )
@@ -464,49 +461,21 @@ class Manager:
         if saga_id != key:
             self._dead_letter(owned, msg, f"message key {key!r} is not its saga id {saga_id!r}: key inbox messages by saga id", now)
             return
-        ctx = self._ctx(owned, now)
-        state = owned.live.get(key)
         try:
-            if isinstance(item, StartSaga):
-                definition = self.settings.definitions.get(item.saga_type)
-                if definition is None:
-                    known = ", ".join(self.settings.definitions.names())
-                    self._dead_letter(owned, msg, f"unknown saga type {item.saga_type!r} (known: {known})", now)
-                    return
-                try:
-                    definition.validate_payload(json.loads(item.payload))
-                except ValueError as bad:
-                    self._dead_letter(owned, msg, f"payload is not JSON: {bad}", now)
-                    return
-                except ConfigError as bad:
-                    self._dead_letter(owned, msg, str(bad), now)
-                    return
-                decision = decide.on_start(state, key in owned.finished, item, definition, ctx)
-            elif state is None:
-                if key in owned.finished:
-                    self.stats["ignored"] += 1
-                    return  # a late reply or cancel for a saga that has ended: nothing to do
-                self._dead_letter(owned, msg, f"{type(item).__name__} for unknown saga {key!r}", now)
-                return
-            elif isinstance(item, ParticipantReply):
-                decision = decide.on_reply(state, item, ctx)
-            elif isinstance(item, CancelSaga):
-                decision = decide.on_cancel(state, item.reason, ctx)
-            else:
-                self._dead_letter(owned, msg, f"{type(item).__name__} does not belong on the inbox", now)
-                return
+            decision = decide.on_inbox(owned.live.get(key), key in owned.finished, item, self.settings.definitions, self._ctx(owned, now))
         except FoldError as err:  # a decision the state machine refuses: a bug, but never a crash
             self._dead_letter(owned, msg, f"refused by the state machine: {err}", now)
             return
         except Exception as err:  # noqa: BLE001 - one message must never stop the manager
-            log.exception("unexpected error deciding on %s[%d]@%d", msg.topic(), msg.partition(), msg.offset())
+            log.exception("unexpected error deciding on %s[%d]@%d", topic, partition, offset)
             self._dead_letter(owned, msg, f"internal error while deciding: {type(err).__name__}: {err}", now)
             return
         if decision.ignored:
-            self.stats["ignored"] += 1
-            log.debug("%s", decision.ignored)
             if decision.reject:
                 self._dead_letter(owned, msg, decision.ignored, now)
+            else:
+                self.stats["ignored"] += 1
+                log.debug("%s", decision.ignored)
             return
         if isinstance(item, StartSaga):
             self.stats["started"] += 1

@@ -24,6 +24,7 @@ from manager.decide import (
     Decision,
     next_wakeup_ms,
     on_cancel,
+    on_inbox,
     on_reply,
     on_start,
     on_time,
@@ -339,6 +340,47 @@ def test_duplicate_start_is_ignored_whether_the_saga_is_live_or_finished() -> No
     finished = on_start(None, True, request, SEQ, ctx(T0 + 5))  # ended, state dropped from memory
     check(None, finished, ctx(T0 + 5))
     assert finished.state is None and nothing(finished) and "duplicate" in (finished.ignored or "")
+
+
+# --- routing: what arrives on the inbox -----------------------------------------------------------
+
+TYPED = SagaDefinition(
+    name="typed",
+    steps=(step("only"),),
+    payload_schema={"type": "object", "required": ["amount"], "properties": {"amount": {"type": "integer"}}},
+)
+
+
+def test_the_inbox_rules_reject_what_cannot_be_decided_and_ignore_what_is_late() -> None:
+    from sagalog.definition import DefinitionSet
+    from sagalog.records import CancelSaga, DeadLetter
+
+    defs = DefinitionSet([SEQ, TYPED])
+
+    def start(saga_type: str, payload: str) -> StartSaga:
+        return StartSaga(saga_id=SAGA, saga_type=saga_type, payload=payload, requested_ms=T0)
+
+    unknown = on_inbox(None, False, start("nope", "{}"), defs, ctx())
+    assert unknown.reject and "unknown saga type 'nope' (known: order, typed)" in (unknown.ignored or "")
+    not_json = on_inbox(None, False, start("typed", "{oops"), defs, ctx())
+    assert not_json.reject and "payload is not JSON" in (not_json.ignored or "")
+    breaks_schema = on_inbox(None, False, start("typed", '{"amount": "ten"}'), defs, ctx())
+    assert breaks_schema.reject and "amount" in (breaks_schema.ignored or "")
+    begun = on_inbox(None, False, start("typed", '{"amount": 10}'), defs, ctx())
+    assert not begun.ignored and begun.state is not None and begun.state.status is SagaStatus.RUNNING
+    check(None, begun, ctx())
+
+    cancel = CancelSaga(saga_id=SAGA, reason="r", requested_ms=T0)
+    stranger = on_inbox(None, False, cancel, defs, ctx())
+    assert stranger.reject and "unknown saga 'order-1'" in (stranger.ignored or "")
+    late = on_inbox(None, True, cancel, defs, ctx())
+    assert late.ignored and not late.reject  # the saga ended: a late cancel is no one's mistake
+    foreign = DeadLetter(source_topic="t", source_partition=0, source_offset=0, key=None, value=None,
+                         reason="x", error_type="y", component="z", dead_lettered_ms=0)
+    wrong_place = on_inbox(begun.state, False, foreign, defs, ctx())
+    assert wrong_place.reject and "does not belong on the inbox" in (wrong_place.ignored or "")
+    cancelled = on_inbox(begun.state, False, cancel, defs, ctx(T0 + 1))
+    assert cancelled.state is not None and cancelled.state.status is SagaStatus.COMPENSATING
 
 
 # --- success -------------------------------------------------------------------------------------
