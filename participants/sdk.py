@@ -35,8 +35,11 @@ What the SDK guarantees, and how (see ``docs/CONTRACT.md`` for the wire side):
   For demos and tests, ``reply_hold_s`` makes the relay hold each new reply for a random
   time before sending it: a service whose work takes that long, pipelined (see
   :class:`Participant`).
-* **Bad input never stops it.** Undecodable commands, and commands for steps it has no
-  handler for, go to the dead-letter topic with the reason.
+* **Bad input never stops it.** Undecodable messages go to the dead-letter topic with the
+  reason. A command it can answer but not act on (no handler for its step or action, a payload
+  or outputs that are not JSON) is dead-lettered *and* answered BUSINESS_FAILURE, so the
+  manager fails the step at once (an execute) or retries it (a compensation) instead of
+  waiting for its timeout; an execute's refusal is recorded like any business failure.
 
 Rules are a pure function (:func:`decide`), testable without Kafka or a database.
 """
@@ -92,6 +95,10 @@ ANY_STEP = "*"
 #: Longest error text put into a reply; the rest is in the participant's log.
 _MAX_ERROR_CHARS = 2000
 
+#: The ``output`` of a compensation's SUCCESS when there was nothing to undo (and of any
+#: handler that returns None): SUCCESS always carries a JSON value (docs/CONTRACT.md, section 4).
+NOTHING_TO_UNDO = "{}"
+
 
 class BusinessFailure(SagaError):
     """Raise from a handler: this step can never succeed (sold out, over the limit, declined).
@@ -142,6 +149,7 @@ class Verdict(Enum):
     REPLAY = "replay"  # answer with the recorded final reply, do nothing
     SKIP = "skip"  # a compensate with nothing to undo: record SUCCESS, handler not called
     REFUSE = "refuse"  # stale epoch, or execute after compensate: REFUSED, no effect
+    UNABLE = "unable"  # it must run but cannot (no handler, bad payload): dead letter + BUSINESS_FAILURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,12 +159,24 @@ class Decision:
     recorded: JournalEntry | None = None
 
 
-def decide(command: ParticipantCommand, journal: Mapping[Action, JournalEntry], max_epoch: int | None) -> Decision:
+def decide(
+    command: ParticipantCommand,
+    journal: Mapping[Action, JournalEntry],
+    max_epoch: int | None,
+    unable: str | None = None,
+) -> Decision:
     """What to do with a command, given the step's journal and the saga's highest epoch seen.
 
-    Checked in this order: the epoch (a zombie manager's command changes nothing, whatever it
-    is), then the journal (a final reply is answered again; a compensation, once recorded,
-    forbids the execute forever).
+    ``unable`` says why this participant could not run the command if it had to (no handler
+    for the step and action, a payload or outputs that are not JSON), None if it could.
+
+    Checked in this order (docs/CONTRACT.md, section 6): the epoch (a zombie manager's command
+    changes nothing, whatever it is); then the journal, first matching row wins: a recorded
+    compensation refuses every execute (even when the execute's SUCCESS is recorded too: its
+    effect was undone) and is answered again to a compensate; a recorded execute is answered
+    again to an execute; a compensate with no successful execute recorded has nothing to undo.
+    Only a command that must really run is checked for ``unable``: it is then dead-lettered and
+    answered BUSINESS_FAILURE, so the manager fails the step now instead of waiting it out.
     """
     if max_epoch is not None and command.epoch < max_epoch:
         return Decision(Verdict.REFUSE, f"stale epoch {command.epoch}: epoch {max_epoch} was already seen")
@@ -167,13 +187,15 @@ def decide(command: ParticipantCommand, journal: Mapping[Action, JournalEntry], 
             return Decision(Verdict.REFUSE, "the step was already compensated: a late execute is refused")
         if executed is not None:
             return Decision(Verdict.REPLAY, recorded=executed)
-        return Decision(Verdict.RUN)
-    if compensated is not None:
-        return Decision(Verdict.REPLAY, recorded=compensated)
-    if executed is None:
-        return Decision(Verdict.SKIP, "compensated before execute: nothing was done, the execute will be refused")
-    if executed.outcome is not ReplyOutcome.SUCCESS:
-        return Decision(Verdict.SKIP, "the execute failed: nothing to undo")
+    else:
+        if compensated is not None:
+            return Decision(Verdict.REPLAY, recorded=compensated)
+        if executed is None:
+            return Decision(Verdict.SKIP, "compensated before execute: nothing was done, the execute will be refused")
+        if executed.outcome is not ReplyOutcome.SUCCESS:
+            return Decision(Verdict.SKIP, "the execute failed: nothing to undo")
+    if unable is not None:
+        return Decision(Verdict.UNABLE, unable)
     return Decision(Verdict.RUN)
 
 
@@ -366,21 +388,25 @@ class _StepHandlers:
 
 
 @dataclass(frozen=True, slots=True)
-class _Parsed:
-    """A decoded, valid command with the handlers of its step and its parsed JSON."""
-
-    command: ParticipantCommand
-    handlers: _StepHandlers
-    payload: Any
-    outputs: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
 class _Reject:
-    """Why a message goes to the dead-letter topic instead of being answered."""
+    """Why a message goes to the dead-letter topic (and, for a command it can answer, why the
+    participant replies BUSINESS_FAILURE)."""
 
     reason: str
     error_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A decoded command with a usable reply address: the handler for its action and its parsed
+    JSON, or ``unable``, why the participant cannot run it (it is still answered, see
+    :attr:`Verdict.UNABLE`)."""
+
+    command: ParticipantCommand
+    handler: Handler | None
+    payload: Any
+    outputs: dict[str, Any]
+    unable: _Reject | None = None
 
 
 @dataclass
@@ -681,7 +707,7 @@ class Participant:
                 if delivered:
                     tx.delete_outbox(delivered)
                 for msg in records:
-                    outgoing.append(self._handle(tx, msg))
+                    outgoing.extend(self._handle(tx, msg))
                     partition, offset = _where(msg)
                     next_offsets[partition] = offset + 1
                 for partition, offset in next_offsets.items():
@@ -716,7 +742,7 @@ class Participant:
         rows: list[OutboxRow] = []
         next_offsets: dict[int, int] = {}
         for msg in records:
-            rows.append(self._handle_stateless(msg))
+            rows.extend(self._handle_stateless(msg))
             partition, offset = _where(msg)
             next_offsets[partition] = offset + 1
         relay.publish(rows)
@@ -739,7 +765,9 @@ class Participant:
     # --- one command ----------------------------------------------------------------------
 
     def _parse(self, msg: Message) -> _Parsed | _Reject:
-        """Decode and validate a command, or say why it must be dead-lettered."""
+        """Decode a command, or say why it must be dead-lettered without a reply (nothing to
+        answer, or nowhere to send the answer). A command that can be answered but not run (no
+        handler, payload not JSON) comes back as :class:`_Parsed` with ``unable`` set."""
         try:
             command = self._codec.decode(msg.value())
         except DecodeError as err:
@@ -750,36 +778,39 @@ class Participant:
             return _Reject(f"reply_partition {command.reply_partition} is negative", "InvalidCommand")
         handlers = self._handlers_for(command)
         if handlers is None:
-            return _Reject(f"participant {self.name!r} has no handler for step {command.step!r} "
-                           f"(saga type {command.saga_type!r})", "UnknownStep")
+            unable = _Reject(f"participant {self.name!r} has no handler for step {command.step!r} "
+                             f"(saga type {command.saga_type!r})", "UnknownStep")
+            return _Parsed(command, None, None, {}, unable)
+        handler = handlers.get(command.action)
+        if handler is None:
+            unable = _Reject(f"participant {self.name!r} has no {command.action.value.lower()} handler for step "
+                             f"{command.step!r}", "UnknownStep")
+            return _Parsed(command, None, None, {}, unable)
         try:
             payload = json.loads(command.payload)
             outputs = json.loads(command.outputs)
         except ValueError as err:
-            return _Reject(f"payload or outputs is not valid JSON: {err}", "InvalidCommand")
+            return _Parsed(command, None, None, {}, _Reject(f"payload or outputs is not valid JSON: {err}",
+                                                            "InvalidCommand"))
         if not isinstance(outputs, dict):
-            return _Reject("outputs is not a JSON object", "InvalidCommand")
-        return _Parsed(command, handlers, payload, outputs)
+            return _Parsed(command, None, None, {}, _Reject("outputs is not a JSON object", "InvalidCommand"))
+        return _Parsed(command, handler, payload, outputs)
 
-    def _no_handler(self, command: ParticipantCommand) -> _Reject:
-        return _Reject(f"participant {self.name!r} has no {command.action.value.lower()} handler for step "
-                       f"{command.step!r}", "UnknownStep")
-
-    def _handle(self, tx: StoreTransaction, msg: Message) -> OutboxRow:
-        """Apply the rules to one command; the reply (or dead letter) goes into the outbox."""
+    def _handle(self, tx: StoreTransaction, msg: Message) -> list[OutboxRow]:
+        """Apply the rules to one command; the reply and any dead letter go into the outbox."""
         parsed = self._parse(msg)
         if isinstance(parsed, _Reject):
-            return tx.enqueue(self.topics.dead_letters, None, msg.key(), self._dead_letter(msg, parsed))
+            return [tx.enqueue(self.topics.dead_letters, None, msg.key(), self._dead_letter(msg, parsed))]
         command = parsed.command
         max_epoch = tx.max_epoch(command.saga_id)
-        decision = decide(command, tx.journal(command.saga_id, command.step), max_epoch)
-        handler = parsed.handlers.get(command.action)
-        if decision.verdict is Verdict.RUN and handler is None:
-            return tx.enqueue(self.topics.dead_letters, None, msg.key(),
-                              self._dead_letter(msg, self._no_handler(command)))
-
-        if decision.verdict is not Verdict.REFUSE and (max_epoch is None or command.epoch > max_epoch):
+        decision = decide(command, tx.journal(command.saga_id, command.step), max_epoch,
+                          None if parsed.unable is None else parsed.unable.reason)
+        # Every command that is not stale raises the saga's epoch, whatever it ends in (a refusal
+        # of a late execute, a retryable error, a dead letter): the epoch proves a newer owner exists.
+        # It is written outside the handler's savepoint, so a failing handler does not undo it.
+        if max_epoch is None or command.epoch > max_epoch:
             tx.raise_epoch(command.saga_id, command.epoch)
+        rows: list[OutboxRow] = []
         encoded: bytes | None = None
         if decision.verdict is Verdict.REFUSE:
             self.stats.refused += 1
@@ -793,32 +824,54 @@ class Participant:
         elif decision.verdict is Verdict.SKIP:
             self.stats.skipped += 1
             _log.info("%s: %s: %s", self.name, command.command_id, decision.reason)
-            reply = self._reply(command, ReplyOutcome.SUCCESS)
+            reply = self._reply(command, ReplyOutcome.SUCCESS, output=NOTHING_TO_UNDO)
             tx.record(self._entry(reply))
+        elif decision.verdict is Verdict.UNABLE:
+            assert parsed.unable is not None
+            rows.append(tx.enqueue(self.topics.dead_letters, None, msg.key(), self._dead_letter(msg, parsed.unable)))
+            reply = self._unable_reply(command, parsed.unable)
+            if command.action is Action.EXECUTE:  # final, like any business failure of an execute
+                tx.record(self._entry(reply))
         else:
-            assert handler is not None
-            reply, encoded = self._run(parsed, handler, tx.handle, tx.savepoint())
+            assert parsed.handler is not None
+            reply, encoded = self._run(parsed, parsed.handler, tx.handle, tx.savepoint())
             final = reply.outcome is ReplyOutcome.SUCCESS or (
                 reply.outcome is ReplyOutcome.BUSINESS_FAILURE and command.action is Action.EXECUTE
             )
             if final:  # RETRYABLE_ERROR, and a failed compensation, run again on the next attempt
                 tx.record(self._entry(reply))
         self._count(reply)
-        return tx.enqueue(command.reply_topic, command.reply_partition, command.saga_id.encode(),
-                          encoded if encoded is not None else self._codec.encode(reply))
+        rows.append(tx.enqueue(command.reply_topic, command.reply_partition, command.saga_id.encode(),
+                               encoded if encoded is not None else self._codec.encode(reply)))
+        return rows
 
-    def _handle_stateless(self, msg: Message) -> OutboxRow:
+    def _handle_stateless(self, msg: Message) -> list[OutboxRow]:
         parsed = self._parse(msg)
-        handler = None if isinstance(parsed, _Reject) else parsed.handlers.get(parsed.command.action)
-        if isinstance(parsed, _Reject) or handler is None:
-            reject = parsed if isinstance(parsed, _Reject) else self._no_handler(parsed.command)
-            return OutboxRow(next(self._row_ids), self.topics.dead_letters, None, msg.key(),
-                             self._dead_letter(msg, reject))
-        reply, encoded = self._run(parsed, handler, None, nullcontext())
-        self._count(reply)
+        if isinstance(parsed, _Reject):
+            return [OutboxRow(next(self._row_ids), self.topics.dead_letters, None, msg.key(),
+                              self._dead_letter(msg, parsed))]
         command = parsed.command
-        return OutboxRow(next(self._row_ids), command.reply_topic, command.reply_partition,
-                         command.saga_id.encode(), encoded)
+        rows: list[OutboxRow] = []
+        if parsed.unable is not None:
+            rows.append(OutboxRow(next(self._row_ids), self.topics.dead_letters, None, msg.key(),
+                                  self._dead_letter(msg, parsed.unable)))
+            reply = self._unable_reply(command, parsed.unable)
+            encoded = self._codec.encode(reply)
+        else:
+            assert parsed.handler is not None
+            reply, encoded = self._run(parsed, parsed.handler, None, nullcontext())
+        self._count(reply)
+        rows.append(OutboxRow(next(self._row_ids), command.reply_topic, command.reply_partition,
+                              command.saga_id.encode(), encoded))
+        return rows
+
+    def _unable_reply(self, command: ParticipantCommand, unable: _Reject) -> ParticipantReply:
+        """The answer to a command this participant cannot act on: a refusal the manager turns
+        into a failure now (an execute fails its step; a compensation is retried)."""
+        _log.warning("%s: cannot act on %s, answering BUSINESS_FAILURE: %s", self.name, command.command_id,
+                     unable.reason)
+        error = f"{unable.error_type}: {unable.reason} (dead-lettered by {self._component})"
+        return self._reply(command, ReplyOutcome.BUSINESS_FAILURE, error=error[:_MAX_ERROR_CHARS])
 
     def _run(
         self, parsed: _Parsed, handler: Handler, handle: Any, savepoint: AbstractContextManager[Any]

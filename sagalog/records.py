@@ -19,7 +19,9 @@ Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # defer_build: a model's validator is built on its first use, not at import (a fresh `saga
+    # status` process uses a few of these models; building all of them cost ~0.1 s).
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
     #: Full Avro name of the record this model maps to.
     AVRO_NAME: ClassVar[str] = ""
 

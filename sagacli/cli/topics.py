@@ -26,14 +26,12 @@ timeout_option = click.option(
 
 def topics_for(prefix: str) -> Topics:
     """The Topics of a --topic-prefix, with a bad prefix reported as a user mistake."""
-    from pydantic import ValidationError
-
     from sagalog.config import Topics
     from sagalog.errors import ConfigError
 
     try:
         return Topics(prefix=prefix)
-    except ValidationError as err:
+    except ConfigError as err:
         raise ConfigError(
             f"--topic-prefix {prefix!r} is not a valid topic name prefix (use letters, digits, '.', '_' and '-')"
         ) from err
