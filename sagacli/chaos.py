@@ -4,18 +4,28 @@ The run: a broker (embedded, or ``--bootstrap-servers``), N managers and the exa
 participants as OS processes; sagas started at a steady rate; every few seconds one fault from
 a schedule drawn from ``--seed`` (so a failing run can be replayed):
 
-* ``kill``: SIGKILL a manager, restart it after a random delay (sometimes several at once);
+* ``kill``: SIGKILL one manager, sometimes two, sometimes all; each restarted after a random delay;
 * ``freeze``: SIGSTOP a manager for longer than the session timeout, then SIGCONT (a zombie);
-* ``participant``: SIGKILL the participants' process, restart it on the same state directory.
+* ``participant``: SIGKILL the participants' process, restart it on the same state directory;
+* ``poison``: garbage bytes, an unknown schema fingerprint and a record of the wrong type, on the
+  inbox and on every command topic;
+* ``broker`` (only with ``kafka_sh``: a real Kafka started by ``../shared/kafka/kafka.sh``, whose
+  data survives a restart): SIGKILL the broker, start it again after a random delay.
+
+All along, a meddler consumes the inbox and the command topics and sends a copy of a share of the
+replies and commands again, 0.2-3 s later: replies duplicated, delayed and so reordered; commands
+delivered twice.
 
 Then it heals (every frozen manager continued, every dead process restarted), waits until every
-started saga is terminal, and checks what must hold, reading the log and the participants'
-SQLite files on its own:
+started saga is terminal, and checks what must hold. The checker reads the log's records, the
+dead-letter topic and the participants' SQLite files on its own; it shares no code with the
+manager's fold or decisions:
 
-* liveness: every started saga reached the log and ended; every partition was served again
-  after each fault within a bound; queries answered throughout;
-* safety: no participant applied a step twice, no execute after its compensation, the
-  participants' books hold exactly the effects of completed sagas.
+* liveness: every started saga reached the log and ended; takeovers and queries within bounds;
+  every process alive at the end (no poison stopped anything);
+* safety: every effect taken once (books balance), completed sagas hold their effects and aborted
+  ones none, no execute took effect after its compensation, compensations ended in reverse
+  dependency order, the dead-letter topic holds every poison message.
 
 The result is a JSON report and a Markdown summary; :attr:`ChaosReport.ok` says whether every
 invariant held.
@@ -23,11 +33,14 @@ invariant held.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import signal
 import sqlite3
+import subprocess
 import tempfile
 import threading
 import time
@@ -41,7 +54,9 @@ from sagacli.demo import PARTICIPANTS, Child, PlannedSaga, plan_sagas
 from sagalog.config import Topics
 from sagalog.errors import ConfigError, SagaError
 
-FAULT_KINDS = ("kill", "freeze", "participant")
+FAULT_KINDS = ("kill", "freeze", "participant", "poison", "broker")
+#: Faults drawn by default; ``broker`` needs ``kafka_sh``.
+DEFAULT_FAULTS = ("kill", "freeze", "participant", "poison")
 _TAKEOVER = re.compile(r"took over partition (\d+) at epoch (\d+).* in (\d+) ms")
 
 
@@ -53,7 +68,11 @@ class ChaosSettings:
     partitions: int = 6
     rate: float = 20.0
     session_timeout_ms: int = 6000
-    faults: tuple[str, ...] = FAULT_KINDS
+    faults: tuple[str, ...] = DEFAULT_FAULTS
+    #: Share of replies and commands the meddler sends a second time, 0.2-3 s later.
+    meddle_rate: float = 0.05
+    #: ``kafka.sh`` of the real Kafka at ``bootstrap`` (127.0.0.1:PORT), for ``broker`` faults.
+    kafka_sh: Path | None = None
     #: Seconds between faults: drawn uniformly from this range.
     fault_every_s: tuple[float, float] = (5.0, 9.0)
     failure_rate: float = 0.15
@@ -71,6 +90,8 @@ class ChaosSettings:
         unknown = sorted(set(self.faults) - set(FAULT_KINDS))
         if unknown:
             raise ConfigError(f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}")
+        if "broker" in self.faults and (self.kafka_sh is None or self.bootstrap is None):
+            raise ConfigError("the broker fault needs --kafka-sh and --bootstrap-servers of the Kafka it started")
         if self.managers < 2:
             raise ConfigError(f"--managers must be at least 2 (faults need a survivor), not {self.managers}")
         if self.duration_s <= 0 or self.rate <= 0:
@@ -103,6 +124,8 @@ class ChaosReport:
     outcomes: dict[str, int] = field(default_factory=dict)
     takeovers_ms: list[int] = field(default_factory=list)
     query_seconds_max: float = 0.0
+    #: Replies and commands the meddler sent a second time.
+    meddled: dict[str, int] = field(default_factory=dict)
     invariants: list[Invariant] = field(default_factory=list)
     work_dir: str = ""
 
@@ -121,7 +144,8 @@ class ChaosReport:
             "",
             f"{self.started} sagas started; outcomes {dict(sorted(self.outcomes.items()))}; "
             f"{len(self.schedule)} faults; takeovers {len(self.takeovers_ms)} "
-            f"(max {max(self.takeovers_ms, default=0)} ms); slowest query {self.query_seconds_max:.2f} s",
+            f"(max {max(self.takeovers_ms, default=0)} ms); slowest query {self.query_seconds_max:.2f} s; "
+            f"sent again by the meddler: {self.meddled.get('replies', 0)} replies, {self.meddled.get('commands', 0)} commands",
             "",
             "| invariant | holds | count | first examples |",
             "|---|---|---|---|",
@@ -142,13 +166,17 @@ def draw_schedule(settings: ChaosSettings) -> list[Fault]:
     names = [f"m{i}" for i in range(1, settings.managers + 1)]
     while t < settings.duration_s and settings.faults:
         kind = rng.choice(settings.faults)
-        if kind == "kill":
-            for target in rng.sample(names, rng.choice([1, 1, 1, 2])):
+        if kind == "kill":  # one manager mostly, sometimes two, sometimes every one of them
+            for target in rng.sample(names, rng.choice([1, 1, 1, 2, len(names)])):
                 out.append(Fault(round(t, 2), "kill", target, round(rng.uniform(2, 8), 2)))
         elif kind == "freeze":
             out.append(Fault(round(t, 2), "freeze", rng.choice(names), round(rng.uniform(session_s + 2, session_s + 9), 2)))
-        else:
+        elif kind == "participant":
             out.append(Fault(round(t, 2), "participant", "participants", round(rng.uniform(1, 4), 2)))
+        elif kind == "poison":
+            out.append(Fault(round(t, 2), "poison", "inbox and command topics", 0.0))
+        else:
+            out.append(Fault(round(t, 2), "broker", "broker", round(rng.uniform(2, 6), 2)))
         t += rng.uniform(*settings.fault_every_s)
     return out
 
@@ -171,6 +199,9 @@ class Chaos:
         self.query_errors: list[str] = []
         self._t0 = 0.0
         self._stop = threading.Event()
+        self.poison: list[tuple[str, int, int]] = []  # (topic, partition, offset) of every poison message
+        self.meddled = Counter[str]()
+        self.unexpected_exits: list[str] = []
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -213,7 +244,7 @@ class Chaos:
             for i in range(1, s.managers + 1):
                 self.managers[f"m{i}"] = self._manager(f"m{i}").start()
             self._t0 = time.monotonic()
-            threads = [threading.Thread(target=f, daemon=True) for f in (self._load, self._query_probe)]
+            threads = [threading.Thread(target=f, daemon=True) for f in (self._load, self._query_probe, self._meddle)]
             for t in threads:
                 t.start()
             self._inject()
@@ -274,28 +305,128 @@ class Chaos:
             wait = fault.at_s - self.elapsed()
             if wait > 0 and self._stop.wait(wait):
                 break
-            self.echo(f"[{self.elapsed():6.1f}s] {fault.kind} {fault.target} for {fault.hold_s:.1f}s")
+            self.echo(f"[{self.elapsed():6.1f}s] {fault.kind} {fault.target}" + (f" for {fault.hold_s:.1f}s" if fault.hold_s else ""))
+            self._note_unexpected_exits()
+            timer: threading.Timer | None = None
             if fault.kind == "participant":
                 assert self.participants is not None
                 self.participants.kill()
-                timers.append(threading.Timer(fault.hold_s, self._restart_participants))
+                timer = threading.Timer(fault.hold_s, self._restart_participants)
+            elif fault.kind == "poison":
+                self._inject_poison()
+            elif fault.kind == "broker":
+                self._kill_broker()
+                timer = threading.Timer(fault.hold_s, self._start_broker)
             else:
                 child = self.managers[fault.target]
                 if not child.alive:
                     continue
                 if fault.kind == "kill":
                     child.kill()
-                    timers.append(threading.Timer(fault.hold_s, self._restart_manager, (fault.target,)))
+                    timer = threading.Timer(fault.hold_s, self._restart_manager, (fault.target,))
                 else:
                     child.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-                    timers.append(threading.Timer(fault.hold_s, child.proc.send_signal, (signal.SIGCONT,)))  # type: ignore[union-attr]
-            timers[-1].daemon = True
-            timers[-1].start()
+                    timer = threading.Timer(fault.hold_s, child.proc.send_signal, (signal.SIGCONT,))  # type: ignore[union-attr]
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
+                timers.append(timer)
         remaining = self.settings.duration_s - self.elapsed()
         if remaining > 0:
             time.sleep(remaining)
         for timer in timers:
             timer.join()
+
+    def _note_unexpected_exits(self) -> None:
+        """A process that died without being killed by us (a poison message must never do that)."""
+        for child in [*self.managers.values(), *([self.participants] if self.participants else [])]:
+            if child.proc is not None and not child.alive and not child.killed:
+                line = f"{child.name} exited with code {child.proc.returncode} at {self.elapsed():.1f}s"
+                if line not in self.unexpected_exits:
+                    self.unexpected_exits.append(line)
+
+    def _inject_poison(self) -> None:
+        """Garbage, an unknown schema fingerprint and a record of the wrong type, on the inbox and on
+        every command topic; their positions are kept to find them on the dead-letter topic."""
+        from confluent_kafka import Producer
+
+        from sagalog.codec import MAGIC, Codec
+        from sagalog.kafka import producer_config
+        from sagalog.records import PartitionClaim
+
+        wrong_type = Codec().encode(PartitionClaim(partition=0, epoch=1, owner="poison", timestamp_ms=0))
+        bodies = [b"\x00garbage\xff" * 3, MAGIC + b"\x01\x02\x03\x04\x05\x06\x07\x08" + b"\x02x", wrong_type]
+        topics = [self.topics.inbox, *(self.topics.commands(p) for p in PARTICIPANTS)]
+        producer = Producer(producer_config(self.bootstrap))
+        delivered: list[tuple[str, int, int]] = []
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is None:
+                delivered.append((msg.topic(), msg.partition(), msg.offset()))
+
+        n = len(self.poison)
+        for topic in topics:
+            for i, body in enumerate(bodies):
+                producer.produce(topic, body, key=f"poison-{n}-{i}".encode(), on_delivery=on_delivery)
+        producer.flush(30)
+        self.poison.extend(delivered)
+
+    def _kafka_pid(self) -> int | None:
+        port = self.bootstrap.rsplit(":", 1)[-1]
+        state = Path(os.environ.get("KAFKA_STATE_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / f"kafka-{port}")
+        try:
+            return int((state / "kafka.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _kill_broker(self) -> None:
+        pid = self._kafka_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _start_broker(self) -> None:
+        assert self.settings.kafka_sh is not None
+        port = self.bootstrap.rsplit(":", 1)[-1]
+        subprocess.run([str(self.settings.kafka_sh), "start", port], check=False, timeout=180,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _meddle(self) -> None:
+        """Send a copy of a share of the replies (inbox) and commands again, 0.2-3 s later: the
+        copies are duplicates, delayed, and so out of order with what followed the originals."""
+        from confluent_kafka import Consumer, Producer
+
+        from sagalog.codec import Codec
+        from sagalog.kafka import consumer_config, producer_config
+        from sagalog.records import ParticipantCommand, ParticipantReply
+
+        rng = random.Random(self.settings.seed + 1)
+        codec = Codec()
+        consumer = Consumer(consumer_config(self.bootstrap, f"{self.topics.prefix}-meddler", session_timeout_ms=self.settings.session_timeout_ms))
+        consumer.subscribe([self.topics.inbox, *(self.topics.commands(p) for p in PARTICIPANTS)])
+        producer = Producer(producer_config(self.bootstrap))
+        held: list[tuple[float, str, int, bytes | None, bytes]] = []
+        try:
+            while not self._stop.is_set():
+                for msg in consumer.consume(500, 0.1):
+                    if msg.error() or rng.random() >= self.settings.meddle_rate:
+                        continue
+                    try:
+                        item = codec.decode(msg.value())
+                    except SagaError:
+                        continue  # poison: the real consumers deal with it
+                    if isinstance(item, ParticipantReply | ParticipantCommand):
+                        kind = "replies" if isinstance(item, ParticipantReply) else "commands"
+                        self.meddled[kind] += 1
+                        held.append((time.monotonic() + rng.uniform(0.2, 3.0), msg.topic(), msg.partition(), msg.key(), msg.value()))
+                now = time.monotonic()
+                for _due, topic, partition, key, value in [h for h in held if h[0] <= now]:
+                    producer.produce(topic, value, key=key, partition=partition)
+                held = [h for h in held if h[0] > now]
+                producer.poll(0)
+        finally:
+            producer.flush(10)
+            consumer.close()
 
     def _restart_manager(self, name: str) -> None:
         self.managers[name].stop()
@@ -307,6 +438,9 @@ class Chaos:
         self.participants.start()
 
     def _heal(self) -> None:
+        self._note_unexpected_exits()
+        if self.settings.kafka_sh is not None:
+            self._start_broker()  # a no-op when it is running
         for name, child in self.managers.items():
             if child.alive:
                 child.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
@@ -319,18 +453,91 @@ class Chaos:
 
     # -- the verdict ---------------------------------------------------------------------------
 
-    def _terminal_states(self) -> dict[str, str]:
+    def _read_log(self) -> tuple[dict[str, str], dict[str, list[tuple[str, str]]], dict[str, dict[str, list[str]]]]:
+        """Each saga's newest status, its events in log order as (event type, step), and its
+        steps' dependencies (from the pinned definition), read from the raw records."""
         from sagalog.reader import scan
         from sagalog.records import SagaLogRecord
 
         latest: dict[str, tuple[int, str]] = {}
-        for entry in scan(self.bootstrap, self.topics):
+        events: dict[str, list[tuple[str, str]]] = {}
+        dependencies: dict[str, dict[str, list[str]]] = {}
+        for entry in scan(self.bootstrap, self.topics, timeout_s=120):
             item = entry.item
-            if isinstance(item, SagaLogRecord):
-                seq, _ = latest.get(item.saga_id, (0, ""))
-                if item.seq > seq:
-                    latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
-        return {k: v for k, (_, v) in latest.items()}
+            if not isinstance(item, SagaLogRecord):
+                continue
+            seq, _ = latest.get(item.saga_id, (0, ""))
+            if item.seq > seq:
+                latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
+            events.setdefault(item.saga_id, []).append((type(item.event).__name__, getattr(item.event, "step", "")))
+            if item.saga_id not in dependencies:
+                steps = json.loads(item.snapshot.definition)["steps"]
+                deps: dict[str, list[str]] = {}
+                for i, step in enumerate(steps):
+                    declared = step.get("depends_on")
+                    deps[step["name"]] = list(declared) if declared is not None else ([steps[i - 1]["name"]] if i else [])
+                dependencies[item.saga_id] = deps
+        return {k: v for k, (_, v) in latest.items()}, events, dependencies
+
+    def _terminal_states(self) -> dict[str, str]:
+        return self._read_log()[0]
+
+    @staticmethod
+    def _compensation_order(events: dict[str, list[tuple[str, str]]], dependencies: dict[str, dict[str, list[str]]]) -> list[str]:
+        """A step's compensation may begin only after every compensation of a step that depends on
+        it (directly or through others) has ended: reverse dependency order."""
+        bad: list[str] = []
+        for saga_id, saga_events in events.items():
+            deps = dependencies.get(saga_id, {})
+            dependents: dict[str, set[str]] = {name: set() for name in deps}
+            for name, needs in deps.items():
+                for need in needs:
+                    dependents.setdefault(need, set()).add(name)
+            ended: set[str] = set()
+            compensated = {step for kind, step in saga_events if kind == "CompensationEnded"}
+            for kind, step in saga_events:
+                if kind == "CompensationEnded":
+                    ended.add(step)
+                elif kind == "CompensationBegun":
+                    closure, todo = set(), list(dependents.get(step, ()))
+                    while todo:
+                        d = todo.pop()
+                        if d not in closure:
+                            closure.add(d)
+                            todo.extend(dependents.get(d, ()))
+                    early = sorted(d for d in closure & compensated if d not in ended)
+                    if early:
+                        bad.append(f"{saga_id}: {step} before {', '.join(early)}")
+                        break
+        return bad
+
+    def _dead_letter_sources(self) -> set[tuple[str, int, int]]:
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+        from sagalog.codec import Codec
+        from sagalog.kafka import reader_config
+        from sagalog.records import DeadLetter
+
+        codec, found = Codec(), set()
+        consumer = Consumer(reader_config(self.bootstrap))
+        try:
+            meta = consumer.list_topics(timeout=10).topics.get(self.topics.dead_letters)
+            partitions = sorted(meta.partitions) if meta is not None else []
+            consumer.assign([TopicPartition(self.topics.dead_letters, p, 0) for p in partitions])
+            pending, deadline = set(partitions), time.monotonic() + 60
+            while pending and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.2):
+                    if msg.error():
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            pending.discard(msg.partition())
+                        continue
+                    with contextlib.suppress(SagaError):
+                        letter = codec.decode(msg.value())
+                        if isinstance(letter, DeadLetter):
+                            found.add((letter.source_topic, letter.source_partition, letter.source_offset))
+        finally:
+            consumer.close()
+        return found
 
     def _verdict(self) -> ChaosReport:
         s = self.settings
@@ -359,6 +566,19 @@ class Chaos:
         report.invariants.append(Invariant("queries answered throughout", not self.query_errors, len(self.query_errors), self.query_errors[:3]))
         report.invariants.append(Invariant(f"queries answered within {s.query_bound_s:g}s", not slow, len(slow), slow[:5]))
         report.invariants.extend(self._check_participants({p.saga_id: p for p in self.started}, states))
+        _, events, dependencies = self._read_log()
+        disorder = self._compensation_order(events, dependencies)
+        report.invariants.append(Invariant("compensations ran in reverse dependency order", not disorder, len(disorder), disorder[:10]))
+        if self.poison:
+            lettered = self._dead_letter_sources()
+            lost = [f"{t}[{p}]@{o}" for t, p, o in self.poison if (t, p, o) not in lettered]
+            report.invariants.append(Invariant(
+                f"the dead-letter topic holds every poison message ({len(self.poison)})", not lost, len(lost), lost[:10]))
+        self._note_unexpected_exits()
+        alive = [c.name for c in [*self.managers.values(), *([self.participants] if self.participants else [])] if not c.alive]
+        stopped = self.unexpected_exits + [f"{name} not running at the end" for name in alive]
+        report.invariants.append(Invariant("no fault or poison message stopped a process", not stopped, len(stopped), stopped[:10]))
+        report.meddled = dict(self.meddled)
         return report
 
     def _check_participants(self, planned: dict[str, PlannedSaga], states: dict[str, str]) -> list[Invariant]:

@@ -16,11 +16,21 @@ SEED = int(os.environ.get("SAGA_CHAOS_SEED", "11"))
 def test_the_fault_schedule_is_a_function_of_the_seed() -> None:
     a, b, c = (draw_schedule(ChaosSettings(seed=s, duration_s=120)) for s in (5, 5, 6))
     assert a == b and a != c
-    assert {f.kind for f in a} <= {"kill", "freeze", "participant"}
+    assert {f.kind for f in a} <= {"kill", "freeze", "participant", "poison"}  # broker only when asked
     frozen = [f for f in a if f.kind == "freeze"]
     assert frozen and all(f.hold_s > 6.0 for f in frozen)  # longer than the session timeout: a real zombie
     only_kills = draw_schedule(ChaosSettings(seed=5, duration_s=120, faults=("kill",)))
     assert {f.kind for f in only_kills} == {"kill"}
+
+
+def test_the_checker_catches_compensations_out_of_reverse_dependency_order() -> None:
+    deps = {"s": {"a": [], "b": ["a"], "c": ["b"]}}
+    good = {"s": [("CompensationBegun", "c"), ("CompensationEnded", "c"), ("CompensationBegun", "b"),
+                  ("CompensationEnded", "b"), ("CompensationBegun", "a"), ("CompensationEnded", "a")]}
+    assert Chaos._compensation_order(good, deps) == []
+    # a is undone while c (which depends on a through b) is still being undone
+    bad = {"s": [("CompensationBegun", "c"), ("CompensationBegun", "a"), ("CompensationEnded", "c"), ("CompensationEnded", "a")]}
+    assert Chaos._compensation_order(bad, deps) == ["s: a before c"]
 
 
 @pytest.mark.slow
@@ -32,5 +42,6 @@ def test_a_seeded_chaos_run_ends_every_saga_and_balances_every_book(bootstrap: s
     (tmp_path / "chaos-report.md").write_text(report.to_markdown())
     assert report.ok, report.to_markdown()
     assert report.started >= 500 and report.outcomes.get("COMPLETED", 0) > 0 and report.outcomes.get("ABORTED", 0) > 0
-    assert {f.kind for f in report.schedule} >= {"kill", "freeze"}
+    assert {f.kind for f in report.schedule} >= {"kill", "freeze", "poison"}
+    assert report.meddled.get("replies", 0) > 0 and report.meddled.get("commands", 0) > 0
     assert len(report.takeovers_ms) > settings.partitions  # the faults really moved partitions
