@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -53,6 +53,9 @@ from sagalog.records import (
     PartitionClaim,
     StartSaga,
 )
+
+if TYPE_CHECKING:
+    from manager.metrics import ManagerMetrics
 
 log = logging.getLogger("saga.manager")
 
@@ -88,6 +91,8 @@ class ManagerSettings(BaseModel):
     #: A commit that takes longer fails and the partition is taken over again from the log. Commits
     #: take milliseconds; a manager frozen in the middle of one finds out this long after it wakes.
     commit_timeout_s: float = 10.0
+    #: Serve Prometheus metrics on this port (0: any free port; None: no metrics).
+    metrics_port: int | None = None
 
 
 @dataclass
@@ -154,11 +159,27 @@ class Manager:
         self._next_audit = 0.0
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="saga-commit")
         self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
+        self.metrics: ManagerMetrics | None = None
+        #: Where /metrics is served, once run() started the server.
+        self.metrics_address: tuple[str, int] | None = None
+        if settings.metrics_port is not None:
+            from manager.metrics import ManagerMetrics
+
+            self.metrics = ManagerMetrics(self)
+        self._replayed: dict[int, int] = {}  # partition -> records read by its last replay
+        self._lag: dict[int, int] = {}  # partition -> inbox records not read yet, at the last audit
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
         self.running = True
+        if self.metrics is not None and self.settings.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            server, _ = start_http_server(self.settings.metrics_port, registry=self.metrics.registry)
+            host, port = server.server_address[:2]
+            self.metrics_address = (str(host), int(port))
+            log.info("metrics on http://%s:%d/metrics", host, port)
         self.consumer.subscribe([self.topics.inbox], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
         log.info("manager %s started, group %s, inbox %s", self.settings.instance_id, self.settings.group_id, self.topics.inbox)
         try:
@@ -275,6 +296,8 @@ class Manager:
         now = time.monotonic()
         if now >= self._next_audit:
             self._audit_assignment()
+            if self.metrics is not None:
+                self._measure_lag()
             self._next_audit = now + 1.0
         if not self._pending:
             return
@@ -391,6 +414,8 @@ class Manager:
         if p not in self.owned:
             return  # the claim itself failed: already rescheduled (or fenced) by _write_failed
         self.stats["takeovers"] += 1
+        if self.metrics is not None:
+            self.metrics.took_over(p, time.monotonic() - started, replayed_s, self._replayed.get(p, 0))
         log.info(
             "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, "
             "in %.0f ms (fencing %.0f ms, replay %.0f ms)",
@@ -427,6 +452,7 @@ class Manager:
             self.reader.unassign()
         folds = {}
         for p in partitions:
+            self._replayed[p] = len(messages[p])
             fold = folds[p] = fold_newest(messages[p], self.codec.decode, p)
             fold.next_offset = ends[p]
             for offset, reason in fold.rejected[:20]:
@@ -525,6 +551,8 @@ class Manager:
         key = state.saga_id.encode()
         for record in decision.records:
             out.log.append((key, self.codec.encode(record)))
+        if self.metrics is not None:
+            self.metrics.decided(decision.records)
         self._after_decision(owned, state, decision.commands, now)
 
     def _after_decision(self, owned: Owned, state: SagaState, commands: list[tuple[str, ParticipantCommand]], now: int) -> None:
@@ -553,6 +581,8 @@ class Manager:
 
     def _dead_letter(self, owned: Owned, msg: Message, reason: DecodeError | str, now: int) -> None:
         self.stats["dead_lettered"] += 1
+        if self.metrics is not None:
+            self.metrics.dead_letters.labels("undecodable" if isinstance(reason, DecodeError) else "rejected").inc()
         topic, partition, offset = where(msg)
         log.warning("dead-lettering %s[%d]@%d: %s", topic, partition, offset, reason)
         letter = DeadLetter(
@@ -599,6 +629,7 @@ class Manager:
         Runs on a worker thread: touches nothing but the partition's own producer and outbox."""
         out, owned.outbox = owned.outbox, Outbox()
         producer = owned.producer
+        began = time.perf_counter()
         try:
             producer.begin_transaction()
             for key, value in out.log:
@@ -613,9 +644,15 @@ class Manager:
                 )
             producer.commit_transaction(self.settings.commit_timeout_s)
         except KafkaException as err:
+            if self.metrics is not None:
+                self.metrics.committed(p, 0.0, ok=False)
             return translate(err, f"writing partition {p}")
         except BufferError as err:
+            if self.metrics is not None:
+                self.metrics.committed(p, 0.0, ok=False)
             return BrokerError(f"writing partition {p}: {err}", retryable=True)
+        if self.metrics is not None:
+            self.metrics.committed(p, time.perf_counter() - began, ok=True)
         return None
 
     def _write_failed(self, p: int, err: BrokerError) -> None:
@@ -630,6 +667,25 @@ class Manager:
             log.error("partition %d: transaction failed (%s); taking it over again from the log", p, err)
         if p in self._assigned():
             self._schedule_takeover(p, 1.0 if isinstance(err, Fenced) else 0.0, 1)
+
+    def inbox_lag(self, p: int) -> int | None:
+        """Inbox records of partition p not read yet, as of the last audit (about a second ago);
+        None if unknown. Measured on the main thread: the consumer is not called from others."""
+        return self._lag.get(p)
+
+    def _measure_lag(self) -> None:
+        """From librdkafka's cached high watermark (no broker round trip) and our position."""
+        lag: dict[int, int] = {}
+        for p in list(self.owned):
+            tp = TopicPartition(self.topics.inbox, p)
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                position = self.consumer.position([tp])[0].offset
+            except KafkaException:
+                continue
+            if high is not None and high >= 0 and position is not None and position >= 0:
+                lag[p] = max(0, high - position)
+        self._lag = lag
 
     def _rewind_inbox(self, p: int) -> None:
         """Seek the inbox partition back to its committed offset: messages read since then were

@@ -26,7 +26,7 @@ class Supervisor:
         self.running = True
 
     def _spawn(self, index: int) -> None:
-        cmd = [sys.executable, "-m", "sagacli", "manager", *self.replica_args]
+        cmd = [sys.executable, "-m", "sagacli", "manager", *_metrics_port_of_replica(self.replica_args, index)]
         self.procs[index] = subprocess.Popen(cmd)
         log.info("replica %d started (pid %d)", index, self.procs[index].pid)
 
@@ -66,3 +66,14 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
         return 1 if failures and not self.restart else 0
+
+
+def _metrics_port_of_replica(args: list[str], index: int) -> list[str]:
+    """Replica i serves its metrics on the given --metrics-port + i: one port each."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--metrics-port" and i + 1 < len(out) and out[i + 1].isdigit() and int(out[i + 1]):
+            out[i + 1] = str(int(out[i + 1]) + index)
+        elif arg.startswith("--metrics-port=") and arg.split("=", 1)[1].isdigit() and int(arg.split("=", 1)[1]):
+            out[i] = f"--metrics-port={int(arg.split('=', 1)[1]) + index}"
+    return out

@@ -33,6 +33,7 @@ def default_definitions() -> list[Path]:
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Run and supervise N replica processes.")
 @click.option("--restart/--no-restart", default=False, help="With --replicas: restart a replica that dies.")
 @click.option("--partitions", type=click.IntRange(min=1), default=6, show_default=True, help="Partitions for topics created at startup.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (with --replicas N, replica i uses PORT+i).")
 @click.option("--session-timeout-ms", type=click.IntRange(min=1000), default=6000, show_default=True, help="After this long without heartbeats a replica's partitions move to the others.")
 @click.option("--finished-retention-s", type=click.FloatRange(min=0), default=600.0, show_default=True, help="Tombstone finished sagas this long after they end (repeated starts are ignored until then).")
 @click.option("-X", "client_settings", multiple=True, metavar="KEY=VALUE", help="librdkafka setting for every client (SASL/TLS...).")
@@ -46,6 +47,7 @@ def manager_command(
     restart: bool,
     partitions: int,
     session_timeout_ms: int,
+    metrics_port: int | None,
     finished_retention_s: float,
     client_settings: tuple[str, ...],
     log_level: str,
@@ -80,6 +82,7 @@ def manager_command(
         client_overrides=overrides,
         session_timeout_ms=session_timeout_ms,
         finished_retention_s=finished_retention_s,
+        metrics_port=metrics_port,
     )
     manager = Manager(settings)
     signal.signal(signal.SIGTERM, lambda *_: manager.stop())
