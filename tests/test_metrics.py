@@ -83,3 +83,24 @@ def test_a_managers_metrics_agree_with_the_log(bootstrap: str, make_topics) -> N
         assert value("saga_inbox_lag_records", partition=str(p)) == 0
     assert not any(name == "saga_sagas_in_flight" and v for (name, _), v in metrics.items())  # all ended
     assert all("saga_id" not in dict(labels) for _, labels in metrics)  # bounded labels only
+
+
+def test_the_grafana_dashboard_plots_only_metrics_a_manager_exposes() -> None:
+    import json
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from manager.metrics import ManagerMetrics
+
+    idle = SimpleNamespace(owned={}, inbox_lag=lambda p: None)  # a manager serving nothing yet
+    metrics = ManagerMetrics(idle)  # type: ignore[arg-type]
+    metrics.decided([])  # every family is declared up front; samples appear as things happen
+    exposed = {f.name for f in metrics.registry.collect()}
+    exposed |= {f"{n}_total" for n in exposed} | {f"{n}_{s}" for n in exposed for s in ("bucket", "count", "sum")}
+    assert generate_latest(metrics.registry)  # renders
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    used = {name for panel in dashboard["panels"] for t in panel["targets"] for name in re.findall(r"\bsaga_[a-z_]+", t["expr"]) if name != "saga_type"}
+    assert used and used <= exposed, used - exposed
