@@ -11,7 +11,14 @@ The saga rules, in one place:
 * On abort every step that may have taken effect (succeeded, timed out, or still in flight) is
   compensated, a step only after every step that depends on it has settled: reverse dependency
   order. Steps that failed with a business failure changed nothing and are not compensated.
-* Compensations are retried with backoff until they succeed; ``saga status`` shows why they fail.
+* Compensations are retried with backoff, up to the definition's ``compensation_retry.attempts``
+  (a budget). Past it, or at once when the participant answers BUSINESS_FAILURE to a compensation
+  (it cannot undo the step), the compensation becomes an **incident**: ``IncidentOpened`` on the
+  log, no more attempts and no timer for that step, while everything else that can progress does.
+* An operator ends an incident (``OperatorAction``): RETRY records ``IncidentRetried`` and sends
+  the next attempt now, with a new budget; RESOLVE_COMPENSATED records ``IncidentResolved`` (the
+  effect was undone by hand: the step is COMPENSATED) and the saga goes on, typically to ABORTED.
+  An action the state does not allow is rejected (dead-lettered); one for an ended saga is ignored.
 """
 
 from __future__ import annotations
@@ -21,13 +28,18 @@ from dataclasses import dataclass, field
 
 from sagalog.definition import DefinitionSet, SagaDefinition
 from sagalog.errors import ConfigError
-from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin
+from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin, operator_action_refusal
 from sagalog.records import (
     Action,
     CancelSaga,
     CompensationBegun,
     CompensationEnded,
     Event,
+    IncidentAction,
+    IncidentOpened,
+    IncidentResolved,
+    IncidentRetried,
+    OperatorAction,
     ParticipantCommand,
     ParticipantReply,
     ReplyOutcome,
@@ -130,7 +142,7 @@ def on_inbox(
         except ConfigError as bad:
             return reject(state, str(bad))
         return on_start(state, finished, item, definition, ctx)
-    if not isinstance(item, ParticipantReply | CancelSaga):
+    if not isinstance(item, ParticipantReply | CancelSaga | OperatorAction):
         return reject(state, f"{type(item).__name__} does not belong on the inbox")
     if state is None:
         if finished:
@@ -138,6 +150,8 @@ def on_inbox(
         return reject(None, f"{type(item).__name__} for unknown saga {item.saga_id!r}")
     if isinstance(item, ParticipantReply):
         return on_reply(state, item, ctx)
+    if isinstance(item, OperatorAction):
+        return on_operator_action(state, item, ctx)
     return on_cancel(state, item.reason, ctx)
 
 
@@ -204,11 +218,21 @@ def on_reply(state: SagaState, reply: ParticipantReply, ctx: Context) -> Decisio
         if step.status is not T.COMPENSATING:
             return ignore(state, f"late or duplicate reply for {reply.command_id} (step is {step.status.value})")
         if reply.outcome is ReplyOutcome.SUCCESS:
+            # Also in incident: whichever attempt it answers, the step is undone (the incident closes).
             decision.record(CompensationEnded(step=step.name, output=reply.output), ctx)
         else:
             if reply.attempt != step.comp_attempt:
                 return ignore(state, f"error from compensation attempt {reply.attempt}, {step.comp_attempt} is in flight")
-            decision.record(_retry_compensation(state, step.name, definition, reply.error or "error", ctx), ctx)
+            incident = state.incident(step.name)
+            if incident is not None:
+                return ignore(state, f"compensation of {step.name} is in incident ({incident.reason}): it waits for an operator")
+            error = reply.error or "error"
+            if reply.outcome is ReplyOutcome.BUSINESS_FAILURE:
+                # The participant says it cannot undo the step: retrying would only repeat that.
+                reason = f"participant cannot compensate {step.name}: {error}"
+                decision.record(IncidentOpened(step=step.name, reason=reason, attempts=step.comp_attempt), ctx)
+            else:
+                decision.record(_retry_compensation_or_incident(state, step.name, definition, error, ctx), ctx)
     _advance(decision, ctx)
     return decision
 
@@ -233,16 +257,51 @@ def on_time(state: SagaState, ctx: Context) -> Decision:
                 decision.record(StepEnded(step=step.name, outcome=StepOutcome.TIMED_OUT, error=why), ctx)
             else:
                 decision.record(_retry_step(current, step.name, definition, why, ctx), ctx)
-        elif step.status is T.COMPENSATING:
+        elif step.status is T.COMPENSATING and current.incident(step.name) is None:
             timeout = definition.by_name[step.name].timeout_s
             why = f"no reply to compensation within {timeout:g}s (attempt {step.comp_attempt})"
-            decision.record(_retry_compensation(current, step.name, definition, why, ctx), ctx)
+            decision.record(_retry_compensation_or_incident(current, step.name, definition, why, ctx), ctx)
+    _advance(decision, ctx)
+    return decision
+
+
+def on_operator_action(state: SagaState, action: OperatorAction, ctx: Context) -> Decision:
+    """An operator's answer to an open incident: retry the compensation now, or resolve it as
+    compensated by hand. Who and why go on the log with it."""
+    if state.status.terminal:
+        return ignore(state, f"saga {state.saga_id} is {state.status.value}, {action.action.value} has no effect")
+    if not action.operator.strip() or not action.reason.strip():
+        return reject(state, f"{action.action.value} for saga {state.saga_id} does not say who asks and why (operator, reason)")
+    refusal = operator_action_refusal(state, action.action, action.step)
+    if refusal is not None:
+        return reject(state, f"{action.action.value} refused: {refusal}")
+    definition = state.definition_model
+    decision = Decision(state=state)
+    if action.action is IncidentAction.RETRY:
+        incident = state.incident(action.step)
+        assert incident is not None  # operator_action_refusal said so
+        decision.record(IncidentRetried(step=action.step, operator=action.operator, reason=action.reason), ctx)
+        # Now, not after a backoff: a human asked for it, likely after fixing the cause.
+        spec = definition.by_name[action.step]
+        attempt = decision.current.step(action.step).comp_attempt + 1
+        begun = CompensationBegun(
+            step=action.step,
+            attempt=attempt,
+            dispatch_at_ms=ctx.now_ms,
+            deadline_ms=ctx.now_ms + int(spec.timeout_s * 1000),
+            last_error=incident.reason,
+        )
+        decision.record(begun, ctx)
+        decision.commands.append(_command(decision.current, definition, action.step, Action.COMPENSATE, attempt, begun.deadline_ms, ctx))
+    else:
+        decision.record(IncidentResolved(step=action.step, operator=action.operator, reason=action.reason), ctx)
     _advance(decision, ctx)
     return decision
 
 
 def outstanding_commands(state: SagaState, ctx: Context) -> list[tuple[str, ParticipantCommand]]:
-    """Every command the log says is in flight and due: what a new owner re-sends on takeover."""
+    """Every command the log says is in flight and due: what a new owner re-sends on takeover.
+    A compensation in incident is not in flight: it waits for an operator."""
     definition = state.definition_model
     out = []
     for step in state.steps:
@@ -250,19 +309,20 @@ def outstanding_commands(state: SagaState, ctx: Context) -> list[tuple[str, Part
             continue
         if step.status is T.RUNNING:
             out.append(_command(state, definition, step.name, Action.EXECUTE, step.attempt, step.deadline_ms, ctx))
-        elif step.status is T.COMPENSATING:
+        elif step.status is T.COMPENSATING and state.incident(step.name) is None:
             out.append(_command(state, definition, step.name, Action.COMPENSATE, step.comp_attempt, step.deadline_ms, ctx))
     return out
 
 
 def next_wakeup_ms(state: SagaState, now_ms: int) -> int | None:
-    """When this saga next needs attention without any message: a delayed dispatch or a deadline."""
+    """When this saga next needs attention without any message: a delayed dispatch or a deadline.
+    None for a saga that only waits for an operator (every compensation left is in incident)."""
     if state.status.terminal:
         return None
     times = [
         step.dispatch_at_ms if step.dispatch_at_ms > now_ms else step.deadline_ms
         for step in state.steps
-        if step.status in (T.RUNNING, T.COMPENSATING)
+        if step.status in (T.RUNNING, T.COMPENSATING) and state.incident(step.name) is None
     ]
     return min(times) if times else None
 
@@ -331,8 +391,16 @@ def _retry_step(state: SagaState, name: str, definition: SagaDefinition, why: st
     return StepBegun(step=name, attempt=attempt, dispatch_at_ms=dispatch_at, deadline_ms=dispatch_at + int(spec.timeout_s * 1000), last_error=why)
 
 
-def _retry_compensation(state: SagaState, name: str, definition: SagaDefinition, why: str, ctx: Context) -> CompensationBegun:
+def _retry_compensation_or_incident(
+    state: SagaState, name: str, definition: SagaDefinition, why: str, ctx: Context
+) -> CompensationBegun | IncidentOpened:
+    """The next attempt of a compensation that did not succeed, or an incident once its budget
+    (``compensation_retry.attempts`` since the budget began) is spent."""
     step = state.step(name)
+    spent = step.comp_attempt - step.comp_budget_from
+    if spent >= definition.compensation_retry.attempts:
+        reason = f"compensation of {name} gave up after {spent} attempts: {why}"
+        return IncidentOpened(step=name, reason=reason, attempts=step.comp_attempt)
     spec = definition.by_name[name]
     attempt = step.comp_attempt + 1
     delay = definition.compensation_retry.delay_ms(attempt, f"{state.saga_id}/{name}/c")

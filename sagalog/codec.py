@@ -150,7 +150,11 @@ def _to_avro(record: Frozen) -> dict[str, Any]:
         datum = dict(record.__dict__)
         # Unions of records are written as (name, datum) so fastavro need not guess the branch.
         datum["event"] = (record.event.AVRO_NAME, record.event.__dict__)
-        datum["snapshot"] = {**snapshot.__dict__, "steps": [step.__dict__ for step in snapshot.steps]}
+        datum["snapshot"] = {
+            **snapshot.__dict__,
+            "steps": [step.__dict__ for step in snapshot.steps],
+            "incidents": [incident.__dict__ for incident in snapshot.incidents],
+        }
         return datum
     return record.__dict__
 

@@ -15,18 +15,40 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sagalog.errors import ConfigError
 
 NAME = r"^[A-Za-z0-9_.-]+$"
+
+#: Compensation attempts before a compensation that keeps failing becomes an incident for an
+#: operator, when ``compensation_retry`` does not say (a definition written before compensations
+#: had a budget does not). Ten attempts with the default backoff (0.2 s doubling to 30 s) are
+#: about 80 s of backoff plus each attempt's timeout: long enough to ride out a participant that
+#: restarts or is redeployed, short enough that a compensation that cannot succeed reaches a human
+#: within minutes instead of retrying unseen for ever. (A participant that says it cannot undo the
+#: step, BUSINESS_FAILURE, opens the incident at once: no budget is spent on it.)
+COMPENSATION_ATTEMPTS = 10
 
 
 class RetryPolicy(BaseModel):
     """Exponential backoff with deterministic jitter (a pure function of saga, step and attempt)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    attempts: int = Field(default=3, ge=1, description="Tries in all; compensations ignore it and retry forever.")
+    attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Tries in all. In compensation_retry: attempts before an incident (default 10), "
+        "counted again from an operator's retry.",
+    )
     backoff_initial_s: float = Field(default=0.1, ge=0)
     backoff_max_s: float = Field(default=5.0, ge=0)
     backoff_multiplier: float = Field(default=2.0, ge=1)
@@ -57,10 +79,24 @@ class SagaDefinition(BaseModel):
     name: str = Field(pattern=NAME)
     version: int = Field(default=1, ge=1)
     steps: tuple[StepDefinition, ...] = Field(min_length=1)
-    compensation_retry: RetryPolicy = RetryPolicy(backoff_initial_s=0.2, backoff_max_s=30.0)
+    compensation_retry: RetryPolicy = RetryPolicy(
+        attempts=COMPENSATION_ATTEMPTS, backoff_initial_s=0.2, backoff_max_s=30.0
+    )
     payload_schema: dict[str, Any] | None = Field(
         default=None, description="JSON Schema the saga's payload must satisfy (checked at start)."
     )
+
+    @field_validator("compensation_retry", mode="before")
+    @classmethod
+    def _compensation_budget(cls, value: Any) -> Any:
+        """A ``compensation_retry`` that leaves out ``attempts`` gets the compensation budget
+        (:data:`COMPENSATION_ATTEMPTS`), not a step's 3 tries: a file's mapping or a policy built
+        in Python alike. A pinned definition keeps what it pinned."""
+        if isinstance(value, dict) and "attempts" not in value:
+            return {**value, "attempts": COMPENSATION_ATTEMPTS}
+        if isinstance(value, RetryPolicy) and "attempts" not in value.model_fields_set:
+            return value.model_copy(update={"attempts": COMPENSATION_ATTEMPTS})
+        return value
 
     @model_validator(mode="after")
     def _check_graph(self, info: ValidationInfo) -> SagaDefinition:

@@ -6,6 +6,12 @@ so that docs and tests can enumerate them:
 * :data:`SAGA_TRANSITIONS`: (saga status, event type) -> saga status
 * :data:`STEP_TRANSITIONS`: (step status, step event) -> step status
 
+Incidents (a compensation that stopped retrying and waits for an operator) are an overlay on a
+COMPENSATING step, kept in the snapshot's ``incidents``: ``IncidentOpened`` adds one,
+``IncidentRetried`` and ``IncidentResolved`` (an operator's) close it, and so does the
+compensation's own success. :func:`operator_action_refusal` says which operator actions a state
+allows, for the manager and for clients alike.
+
 ``apply(state, event)`` is the pure transition a writer uses to compute the next snapshot;
 ``evolve(state, record)`` is what a reader uses: it checks that the record follows (same saga,
 next sequence number, no stale epoch, a row in the tables) and then applies it. A record that
@@ -32,6 +38,11 @@ from sagalog.records import (
     CompensationBegun,
     CompensationEnded,
     Event,
+    Incident,
+    IncidentAction,
+    IncidentOpened,
+    IncidentResolved,
+    IncidentRetried,
     PartitionClaim,
     SagaAborted,
     SagaAborting,
@@ -61,6 +72,10 @@ SAGA_TRANSITIONS: dict[tuple[SagaStatus | None, type], SagaStatus] = {
     (S.COMPENSATING, CompensationBegun): S.COMPENSATING,
     (S.COMPENSATING, CompensationEnded): S.COMPENSATING,
     (S.COMPENSATING, SagaAborted): S.ABORTED,
+    # Incidents exist only while compensating: only a compensation stops for an operator.
+    (S.COMPENSATING, IncidentOpened): S.COMPENSATING,
+    (S.COMPENSATING, IncidentRetried): S.COMPENSATING,
+    (S.COMPENSATING, IncidentResolved): S.COMPENSATING,
 }
 
 #: (step status before, step event) -> step status after. A step event is the event type, or
@@ -77,6 +92,11 @@ STEP_TRANSITIONS: dict[tuple[StepStatus, Any], StepStatus] = {
     (T.RUNNING, CompensationBegun): T.COMPENSATING,
     (T.COMPENSATING, CompensationBegun): T.COMPENSATING,  # a retry: attempt + 1
     (T.COMPENSATING, CompensationEnded): T.COMPENSATED,
+    # An incident stops the retries but not the compensation: the step stays COMPENSATING until
+    # an operator retries it (and it succeeds) or says it was undone by hand.
+    (T.COMPENSATING, IncidentOpened): T.COMPENSATING,
+    (T.COMPENSATING, IncidentRetried): T.COMPENSATING,
+    (T.COMPENSATING, IncidentResolved): T.COMPENSATED,
 }
 
 #: Steps whose effect may exist and so must be compensated when the saga aborts.
@@ -102,6 +122,10 @@ class SagaState(SagaSnapshot):
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def incident(self, step: str) -> Incident | None:
+        """The open incident of this step's compensation, if any."""
+        return next((i for i in self.incidents if i.step == step), None)
 
     def snapshot(self) -> SagaSnapshot:
         return SagaSnapshot(**{k: getattr(self, k) for k in _SNAPSHOT_FIELDS})
@@ -166,6 +190,7 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
         if step_after is None:
             raise _fail(state, event, f"step {step_name!r} is {step.status.value}")
         changes: dict[str, Any] = {"status": step_after}
+        incident = state.incident(step_name)
         if isinstance(event, StepBegun):
             if event.attempt != step.attempt + 1:
                 raise _fail(state, event, f"attempt {event.attempt} after attempt {step.attempt}")
@@ -176,6 +201,8 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
                 error=event.last_error,
             )
         elif isinstance(event, CompensationBegun):
+            if incident is not None:
+                raise _fail(state, event, f"step {step_name!r} is in incident: an operator retries it first")
             if event.attempt != step.comp_attempt + 1:
                 raise _fail(state, event, f"compensation attempt {event.attempt} after {step.comp_attempt}")
             changes.update(
@@ -187,7 +214,27 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
         elif isinstance(event, StepEnded):
             changes.update(output=event.output, error=event.error)
         elif isinstance(event, CompensationEnded):
-            changes.update(error=None)
+            changes.update(error=None)  # a success that comes late also ends the step's incident
+        elif isinstance(event, IncidentOpened):
+            if incident is not None:
+                raise _fail(state, event, f"step {step_name!r} has an open incident already")
+            if event.attempts != step.comp_attempt:
+                raise _fail(state, event, f"{event.attempts} attempts, the step made {step.comp_attempt}")
+            update["incidents"] = (
+                *state.incidents,
+                Incident(step=step_name, reason=event.reason, opened_ms=now_ms, attempts=event.attempts),
+            )
+        elif isinstance(event, IncidentRetried | IncidentResolved):
+            if incident is None:
+                raise _fail(state, event, f"step {step_name!r} has no open incident")
+            if isinstance(event, IncidentRetried):
+                changes.update(comp_budget_from=step.comp_attempt)  # a new budget from here
+            else:
+                changes.update(error=None)
+        # A retry closes the incident; so does the step's end, whoever ends it (an operator's
+        # resolve, or the participant's late success).
+        if incident is not None and (isinstance(event, IncidentRetried) or step_after is T.COMPENSATED):
+            update["incidents"] = tuple(i for i in state.incidents if i.step != step_name)
         update["steps"] = steps[:index] + (step.replace(**changes),) + steps[index + 1 :]
     elif isinstance(event, SagaEnded):
         if any(s.status is not T.SUCCEEDED for s in steps):
@@ -206,6 +253,29 @@ def apply(state: SagaState, event: Event, now_ms: int, epoch: int) -> SagaState:
             raise _fail(state, event, f"steps {open_steps} are not compensated yet")
         update["reason"] = event.reason
     return state.replace(**update)
+
+
+def operator_action_refusal(state: SagaState, action: IncidentAction, step: str) -> str | None:
+    """Why an operator's ``action`` on ``step`` cannot be taken in this state, or None if it can.
+
+    The rule the manager applies (it dead-letters a refused action) and clients check first (they
+    refuse before sending). A saga that has ended is not asked: the manager ignores actions for it.
+    """
+    try:
+        status = state.step(step).status
+    except KeyError:
+        known = ", ".join(s.name for s in state.steps)
+        return f"saga {state.saga_id} has no step {step!r} (its steps: {known})"
+    if action is IncidentAction.RESOLVE_COMPENSATED and status is not T.COMPENSATING:
+        return (
+            f"step {step!r} of saga {state.saga_id} is {status.value}, not COMPENSATING: only a compensation "
+            f"in incident can be resolved as compensated"
+        )
+    if state.incident(step) is None:
+        open_steps = ", ".join(i.step for i in state.incidents)
+        where = f"its open incidents are on: {open_steps}" if open_steps else "it has none"
+        return f"saga {state.saga_id} has no open incident for step {step!r} ({where})"
+    return None
 
 
 def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int = 0) -> SagaState:

@@ -91,6 +91,13 @@ class ReplyOutcome(StrEnum):
     REFUSED = "REFUSED"
 
 
+class IncidentAction(StrEnum):
+    """What an operator asks of a compensation in incident (:class:`OperatorAction`)."""
+
+    RETRY = "RETRY"  # try it again now, with a new retry budget
+    RESOLVE_COMPENSATED = "RESOLVE_COMPENSATED"  # it was undone by hand: the step is COMPENSATED
+
+
 # --- events: the state changes of one saga ---------------------------------------------------
 
 
@@ -147,6 +154,35 @@ class SagaEnded(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.SagaEnded"
 
 
+class IncidentOpened(Frozen):
+    """A compensation stopped retrying and waits for an operator: its retry budget is spent, or
+    the participant answered BUSINESS_FAILURE (it cannot undo the step)."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.IncidentOpened"
+    step: str
+    reason: str
+    attempts: Int32  # the step's comp_attempt when it opened
+
+
+class IncidentRetried(Frozen):
+    """An operator asked to try the compensation again: the incident closes and a new retry
+    budget starts (a ``CompensationBegun`` with the next attempt follows)."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.IncidentRetried"
+    step: str
+    operator: str
+    reason: str
+
+
+class IncidentResolved(Frozen):
+    """An operator says the step's effect was undone by hand: the step is COMPENSATED."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.IncidentResolved"
+    step: str
+    operator: str
+    reason: str
+
+
 Event = (
     SagaBegun
     | StepBegun
@@ -156,6 +192,9 @@ Event = (
     | CompensationEnded
     | SagaAborted
     | SagaEnded
+    | IncidentOpened
+    | IncidentRetried
+    | IncidentResolved
 )
 EVENT_TYPES: dict[str, type[Frozen]] = {
     cls.AVRO_NAME: cls
@@ -168,6 +207,9 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
         CompensationEnded,
         SagaAborted,
         SagaEnded,
+        IncidentOpened,
+        IncidentRetried,
+        IncidentResolved,
     )
 }
 
@@ -181,10 +223,23 @@ class StepSnapshot(Frozen):
     status: StepStatus = StepStatus.PENDING
     attempt: Int32 = 0
     comp_attempt: Int32 = 0
+    #: The compensation attempt the current retry budget counts from: 0, then the attempt after
+    #: which an operator's retry started a new budget (attempts spent = comp_attempt - this).
+    comp_budget_from: Int32 = 0
     dispatch_at_ms: Int64 = 0
     deadline_ms: Int64 = 0
     output: str | None = None
     error: str | None = None
+
+
+class Incident(Frozen):
+    """An open incident: a compensation that waits for an operator (``saga retry`` / ``saga resolve``)."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.Incident"
+    step: str
+    reason: str
+    opened_ms: Int64
+    attempts: Int32  # compensation attempts made when it opened
 
 
 class SagaSnapshot(Frozen):
@@ -195,6 +250,9 @@ class SagaSnapshot(Frozen):
     status: SagaStatus
     steps: tuple[StepSnapshot, ...]
     reason: str | None = None
+    #: Open incidents, oldest first, at most one per step. In the snapshot (not only in the
+    #: events) so that compaction, which keeps only the newest record, keeps them too.
+    incidents: tuple[Incident, ...] = ()
     started_ms: Int64
     updated_ms: Int64
 
@@ -240,6 +298,19 @@ class StartSaga(Frozen):
 class CancelSaga(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.CancelSaga"
     saga_id: str
+    reason: str
+    requested_ms: Int64
+
+
+class OperatorAction(Frozen):
+    """An operator's answer to an open incident, sent to the inbox like a cancel (``saga retry``,
+    ``saga resolve``); the manager records it on the log with who and why."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.OperatorAction"
+    saga_id: str
+    action: IncidentAction
+    step: str
+    operator: str
     reason: str
     requested_ms: Int64
 
@@ -299,8 +370,9 @@ TOP_LEVEL: tuple[type[Frozen], ...] = (
     PartitionClaim,
     StartSaga,
     CancelSaga,
+    OperatorAction,
     ParticipantCommand,
     ParticipantReply,
     DeadLetter,
 )
-InboxMessage = StartSaga | CancelSaga | ParticipantReply
+InboxMessage = StartSaga | CancelSaga | OperatorAction | ParticipantReply

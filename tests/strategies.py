@@ -11,7 +11,9 @@ Two families:
   :func:`sagalog.fold.begin` and :func:`sagalog.fold.apply`, the way a manager would: steps
   begin once their dependencies succeeded, succeed, fail, time out and retry; the saga is
   cancelled or aborts on a failure and compensates in reverse dependency order until
-  ``SagaAborted``, or ends with ``SagaEnded``. Each record carries the snapshot after its event.
+  ``SagaAborted``, or ends with ``SagaEnded``. A compensation may stop in an incident, which an
+  operator retries or resolves (or a late success ends). Each record carries the snapshot after
+  its event.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from sagalog.records import (
     CompensationEnded,
     DeadLetter,
     Event,
+    Incident,
+    IncidentAction,
+    IncidentOpened,
+    IncidentResolved,
+    IncidentRetried,
+    OperatorAction,
     ParticipantCommand,
     ParticipantReply,
     PartitionClaim,
@@ -98,6 +106,9 @@ EVENTS: dict[type, st.SearchStrategy[Any]] = {
     CompensationEnded: st.builds(CompensationEnded, step=TEXT, output=OPT_TEXT),
     SagaAborted: st.builds(SagaAborted, reason=TEXT),
     SagaEnded: st.builds(SagaEnded),
+    IncidentOpened: st.builds(IncidentOpened, step=TEXT, reason=TEXT, attempts=INT32),
+    IncidentRetried: st.builds(IncidentRetried, step=TEXT, operator=TEXT, reason=TEXT),
+    IncidentResolved: st.builds(IncidentResolved, step=TEXT, operator=TEXT, reason=TEXT),
 }
 assert set(EVENTS) == set(EVENT_TYPES.values()), "a new event type needs a strategy"
 
@@ -112,11 +123,13 @@ step_snapshots = st.builds(
     status=st.sampled_from(StepStatus),
     attempt=INT32,
     comp_attempt=INT32,
+    comp_budget_from=INT32,
     dispatch_at_ms=INT64,
     deadline_ms=INT64,
     output=OPT_TEXT,
     error=OPT_TEXT,
 )
+incidents = st.builds(Incident, step=TEXT, reason=TEXT, opened_ms=INT64, attempts=INT32)
 saga_snapshots = st.builds(
     SagaSnapshot,
     saga_type=TEXT,
@@ -125,6 +138,7 @@ saga_snapshots = st.builds(
     status=st.sampled_from(SagaStatus),
     steps=st.lists(step_snapshots, max_size=5).map(tuple),
     reason=OPT_TEXT,
+    incidents=st.lists(incidents, max_size=3).map(tuple),
     started_ms=INT64,
     updated_ms=INT64,
 )
@@ -145,6 +159,15 @@ RECORDS: dict[type, st.SearchStrategy[Any]] = {
     PartitionClaim: st.builds(PartitionClaim, partition=INT32, epoch=INT64, owner=TEXT, timestamp_ms=INT64),
     StartSaga: st.builds(StartSaga, saga_id=TEXT, saga_type=TEXT, payload=TEXT, requested_ms=INT64),
     CancelSaga: st.builds(CancelSaga, saga_id=TEXT, reason=TEXT, requested_ms=INT64),
+    OperatorAction: st.builds(
+        OperatorAction,
+        saga_id=TEXT,
+        action=st.sampled_from(IncidentAction),
+        step=TEXT,
+        operator=TEXT,
+        reason=TEXT,
+        requested_ms=INT64,
+    ),
     ParticipantCommand: st.builds(
         ParticipantCommand,
         command_id=TEXT,
@@ -221,7 +244,13 @@ def saga_definitions(draw: st.DrawFn, min_steps: int = 1, max_steps: int = 5) ->
                 depends_on=depends_on,
             )
         )
-    return SagaDefinition(name=draw(NAMES), version=draw(st.integers(1, 9)), steps=tuple(steps))
+    # A small compensation budget now and then, so that budgets run out (None: the default, 10).
+    budget = draw(st.none() | st.integers(1, 3))
+    attempts = {} if budget is None else {"attempts": budget}
+    compensation_retry = RetryPolicy(backoff_initial_s=0.2, backoff_max_s=30.0, **attempts)
+    return SagaDefinition(
+        name=draw(NAMES), version=draw(st.integers(1, 9)), steps=tuple(steps), compensation_retry=compensation_retry
+    )
 
 
 # --- legal saga histories --------------------------------------------------------------------
@@ -344,9 +373,15 @@ def saga_histories(
                 if not waiting:
                     moves.append(("compensate", n))
             for n in compensating:
-                moves.append(("compensated", n))
-                if steps[n].comp_attempt < max_comp_attempts:
-                    moves.append(("compensate_retry", n))
+                moves.append(("compensated", n))  # in incident too: a late success ends it
+                if state.incident(n) is None:
+                    if steps[n].comp_attempt < max_comp_attempts:
+                        moves.append(("compensate_retry", n))
+                    moves.append(("incident", n))
+                else:  # an operator's answer; retries stop once attempts run out, so histories end
+                    if steps[n].comp_attempt < max_comp_attempts:
+                        moves.append(("retry_incident", n))
+                    moves.append(("resolve_incident", n))
             # A non-compensable step still in flight: its end is recorded before the saga may end.
             in_flight = [n for n, s in steps.items() if s.status is StepStatus.RUNNING and n not in to_compensate]
             for n in in_flight:
@@ -393,6 +428,19 @@ def saga_histories(
             emit(begin_compensation(name, None))
         elif kind == "compensate_retry":
             emit(begin_compensation(name, draw(TEXT)))
+        elif kind == "incident":
+            reason, attempts = draw(TEXT), state.step(name).comp_attempt
+            emit(lambda now, name=name, reason=reason, attempts=attempts: IncidentOpened(
+                step=name, reason=reason, attempts=attempts))
+        elif kind == "retry_incident":
+            operator, reason = draw(IDS), draw(TEXT)
+            emit(lambda now, name=name, operator=operator, reason=reason: IncidentRetried(
+                step=name, operator=operator, reason=reason))
+            emit(begin_compensation(name, reason))
+        elif kind == "resolve_incident":
+            operator, reason = draw(IDS), draw(TEXT)
+            emit(lambda now, name=name, operator=operator, reason=reason: IncidentResolved(
+                step=name, operator=operator, reason=reason))
         elif kind == "compensated":
             output = draw(OPT_JSON_TEXT)
             emit(lambda now, name=name, output=output: CompensationEnded(step=name, output=output))

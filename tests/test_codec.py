@@ -27,6 +27,9 @@ from sagalog.records import (
     EVENT_TYPES,
     TOP_LEVEL,
     CancelSaga,
+    IncidentOpened,
+    IncidentResolved,
+    IncidentRetried,
     ParticipantCommand,
     SagaLogRecord,
     StartSaga,
@@ -34,6 +37,7 @@ from sagalog.records import (
 
 SCHEMAS = schemas_dir()
 V1_PATH = SCHEMAS / "history" / "saga_log_record.v1.avsc"
+V2_PATH = SCHEMAS / "history" / "saga_log_record.v2.avsc"
 
 #: CRC-64-AVRO fingerprints (little-endian, as on the wire) of the current schemas. A change
 #: here is a change of the wire contract: keep the old .avsc in schemas/history/, add its
@@ -41,16 +45,20 @@ V1_PATH = SCHEMAS / "history" / "saga_log_record.v1.avsc"
 CURRENT_FINGERPRINTS = {
     "sagalog.CancelSaga": "497478e474e8bb4e",
     "sagalog.DeadLetter": "4c3598c4e6c8ce73",
+    "sagalog.OperatorAction": "24593b9779d5d4a4",
     "sagalog.ParticipantCommand": "da661df0938322d4",
     "sagalog.ParticipantReply": "047a0322f549234e",
     "sagalog.PartitionClaim": "08de3b78be047fe9",
-    "sagalog.SagaLogRecord": "62e5c87f8dfdb370",
+    "sagalog.SagaLogRecord": "3fb3c3f121266f8c",
     "sagalog.StartSaga": "7b88424c4fbf8099",
 }
 #: Fingerprints of superseded versions: bytes written with them are on logs out there and
 #: must keep decoding for ever.
 PREVIOUS_FINGERPRINTS = {
-    "sagalog.SagaLogRecord": ["cabbdbbc60c5b026"],  # v1, before `writer`
+    "sagalog.SagaLogRecord": [
+        "cabbdbbc60c5b026",  # v1, before `writer`
+        "62e5c87f8dfdb370",  # v2, before incidents (their events, `incidents`, `comp_budget_from`)
+    ],
 }
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -83,17 +91,41 @@ def test_fingerprint_oracle_matches_the_published_vectors() -> None:
         assert _fingerprint_spec(canonical) == value.to_bytes(8, "little", signed=True)
 
 
-def _v1_bytes(record: SagaLogRecord) -> bytes:
-    """What a manager on schema version 1 wrote: the v1 fingerprint and a body without `writer`."""
-    raw = json.loads(V1_PATH.read_text())
+#: Events a version-2 (and version-1) writer could not write: they came with version 3.
+INCIDENT_EVENTS = (IncidentOpened, IncidentRetried, IncidentResolved)
+
+
+def _old_bytes(record: SagaLogRecord, path: Path) -> bytes:
+    """What a manager on an older schema wrote: its fingerprint and a body without what that
+    version did not have (v1: `writer`; v1 and v2: incidents, `comp_budget_from`)."""
+    raw = json.loads(path.read_text())
     schema = fastavro.parse_schema(raw, _force=True)
     datum = record.model_dump()
-    del datum["writer"]
+    if path == V1_PATH:
+        del datum["writer"]
+    del datum["snapshot"]["incidents"]
+    for step in datum["snapshot"]["steps"]:
+        del step["comp_budget_from"]
     datum["event"] = (record.event.AVRO_NAME, datum["event"])
     out = io.BytesIO()
     out.write(MAGIC + schema_fingerprint(raw))
     fastavro.schemaless_writer(out, schema, datum)
     return out.getvalue()
+
+
+def _v1_bytes(record: SagaLogRecord) -> bytes:
+    return _old_bytes(record, V1_PATH)
+
+
+def _before_incidents(record: SagaLogRecord) -> SagaLogRecord:
+    """The record as a writer before version 3 could have written it (new fields at their defaults)."""
+    snapshot = record.snapshot.model_copy(
+        update={
+            "incidents": (),
+            "steps": tuple(s.model_copy(update={"comp_budget_from": 0}) for s in record.snapshot.steps),
+        }
+    )
+    return record.model_copy(update={"snapshot": snapshot})
 
 
 # --- fingerprints -----------------------------------------------------------------------------
@@ -178,8 +210,21 @@ def test_round_trip_legal_histories(codec: Codec, history: list[SagaLogRecord]) 
 
 @settings(max_examples=80, deadline=None)
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
+def test_v2_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
+    assume(not isinstance(record.event, INCIDENT_EVENTS))
+    old = _before_incidents(record)
+    data = _old_bytes(old, V2_PATH)
+    assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][1]
+    decoded = codec.decode(data)
+    assert decoded.snapshot.incidents == () and {s.comp_budget_from for s in decoded.snapshot.steps} <= {0}
+    assert decoded == old
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
-    old = record.model_copy(update={"writer": None})
+    assume(not isinstance(record.event, INCIDENT_EVENTS))
+    old = _before_incidents(record).model_copy(update={"writer": None})
     data = _v1_bytes(old)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][0]
     decoded = codec.decode(data)
@@ -187,15 +232,16 @@ def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
     assert decoded == old
 
 
-def test_v1_needs_the_history_directory(tmp_path: Path) -> None:
+def test_old_versions_need_the_history_directory(tmp_path: Path) -> None:
     """Decoding old bytes works because of schemas/history/, not by accident."""
     for p in SCHEMAS.glob("*.avsc"):
         shutil.copy(p, tmp_path / p.name)
     record = _sample_log_record()
-    data = _v1_bytes(record)
-    with pytest.raises(UnknownSchema):
-        Codec(tmp_path).decode(data)
-    assert Codec().decode(data) == record
+    for path in (V1_PATH, V2_PATH):
+        data = _old_bytes(record, path)
+        with pytest.raises(UnknownSchema):
+            Codec(tmp_path).decode(data)
+        assert Codec().decode(data) == record
 
 
 def _sample_log_record() -> SagaLogRecord:

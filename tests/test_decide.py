@@ -6,7 +6,8 @@ checked by :func:`check`: its records survive the Avro codec, replay through
 :func:`sagalog.fold.evolve` from the state before to the very state the decision reports (the
 writer and the reader agree), and its commands are what the log says is in flight.
 A hypothesis property then feeds random inputs (replies of any outcome, stale and unknown ones,
-timer ticks, cancels, takeovers) and checks the same, plus the saga rules.
+timer ticks, cancels, takeovers, operators' retries and resolves) and checks the same, plus the
+saga rules.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from manager.decide import (
     next_wakeup_ms,
     on_cancel,
     on_inbox,
+    on_operator_action,
     on_reply,
     on_start,
     on_time,
@@ -38,6 +40,12 @@ from sagalog.records import (
     CompensationBegun,
     CompensationEnded,
     Event,
+    Incident,
+    IncidentAction,
+    IncidentOpened,
+    IncidentResolved,
+    IncidentRetried,
+    OperatorAction,
     ParticipantCommand,
     ParticipantReply,
     ReplyOutcome,
@@ -56,6 +64,7 @@ from sagalog.records import (
 
 S, T = SagaStatus, StepStatus
 EXECUTE, COMPENSATE = Action.EXECUTE, Action.COMPENSATE
+RETRY_IT, RESOLVE_IT = IncidentAction.RETRY, IncidentAction.RESOLVE_COMPENSATED
 SUCCESS, FAILURE, ERROR, REFUSED = (
     ReplyOutcome.SUCCESS,
     ReplyOutcome.BUSINESS_FAILURE,
@@ -141,13 +150,16 @@ def check(prev: SagaState | None, decision: Decision, context: Context) -> list[
         return befores
     definition = decision.state.definition_model
     due = [c for _, c in outstanding_commands(decision.state, context)]
+    retried = {r.event.step for r in decision.records if isinstance(r.event, IncidentRetried)}
     begun = [
         (r.event.step, EXECUTE if isinstance(r.event, StepBegun) else COMPENSATE)
         for r in decision.records
-        if isinstance(r.event, StepBegun | CompensationBegun) and r.event.attempt == 1
+        if isinstance(r.event, StepBegun | CompensationBegun)
+        and (r.event.attempt == 1 or (isinstance(r.event, CompensationBegun) and r.event.step in retried))
     ]
-    # Commands are exactly the first attempts begun by this decision, in log order (retries are
-    # delayed: outstanding_commands sends them when they are due).
+    # Commands are exactly the first attempts begun by this decision, and the attempt an operator's
+    # retry sends at once, in log order (retries are delayed: outstanding_commands sends them when
+    # they are due).
     assert [(c.step, c.action) for _, c in decision.commands] == begun
     outputs = {s.name: json.loads(s.output) for s in decision.state.steps if s.output is not None}
     for participant, command in decision.commands:
@@ -252,6 +264,15 @@ class Run:
     def cancel(self, reason: str = "customer asked") -> Decision:
         assert self.state is not None
         return self.take(on_cancel(self.state, reason, self.ctx))
+
+    def operator(
+        self, action: IncidentAction, step: str, *, who: str = "ada", why: str = "checked by hand"
+    ) -> Decision:
+        assert self.state is not None
+        request = OperatorAction(
+            saga_id=self.saga_id, action=action, step=step, operator=who, reason=why, requested_ms=self.now
+        )
+        return self.take(on_operator_action(self.state, request, self.ctx))
 
     def status(self, name: str) -> StepStatus:
         assert self.state is not None
@@ -781,15 +802,17 @@ def test_two_parallel_deadlines_in_one_tick_time_out_both_and_compensate_both() 
     assert [c.action for _, c in outstanding_commands(run.state, ctx(T0 + 10**6))] == [COMPENSATE, COMPENSATE]  # type: ignore[arg-type]
 
 
-def test_compensation_timeouts_retry_forever_with_backoff_and_keep_the_error_visible() -> None:
+def test_compensation_timeouts_retry_with_backoff_until_the_budget_is_spent_then_an_incident() -> None:
     run = Run(SEQ)
     run.start()
     run.reply("reserve")
     run.now = T0 + 100
     run.reply("charge", FAILURE, error="declined")
     assert run.status("reserve") is T.COMPENSATING
+    budget = SEQ.compensation_retry.attempts
+    assert budget == 10  # COMP_RETRY leaves attempts out: the compensation default
     now, deadline = T0 + 100, T0 + 100 + 2000
-    for attempt in range(2, 40):
+    for attempt in range(2, budget + 1):
         assert nothing(run.tick(deadline - 1))
         now = deadline
         d = run.tick(now)
@@ -818,9 +841,19 @@ def test_compensation_timeouts_retry_forever_with_backoff_and_keep_the_error_vis
             attempt,
         )
         deadline = now + delay + 2000
-    d = run.compensated("reserve")  # and when it finally works, the saga ends
-    assert events(d)[-1] == SagaAborted(reason="step charge failed: declined")
-    assert run.state.step("reserve").error is None
+    # The budget's last attempt times out too: an incident, and the saga stops retrying it.
+    d = run.tick(deadline)
+    why = f"no reply to compensation within 2s (attempt {budget})"
+    reason = f"compensation of reserve gave up after {budget} attempts: {why}"
+    assert events(d) == [IncidentOpened(step="reserve", reason=reason, attempts=budget)] and d.commands == []
+    assert run.state is not None and run.state.status is S.COMPENSATING
+    assert run.state.incidents == (Incident(step="reserve", reason=reason, opened_ms=deadline, attempts=budget),)
+    assert next_wakeup_ms(run.state, deadline) is None  # no timer
+    assert outstanding_commands(run.state, ctx(deadline + 10**9)) == []  # nothing to (re-)send
+    assert nothing(run.tick(deadline + 10**9))
+    d = run.compensated("reserve")  # and if the last attempt worked after all, the saga ends
+    assert events(d) == [CompensationEnded(step="reserve"), SagaAborted(reason="step charge failed: declined")]
+    assert run.state.step("reserve").error is None and run.state.incidents == ()
 
 
 def test_a_tick_on_a_finished_saga_does_nothing() -> None:
@@ -838,17 +871,17 @@ def test_a_tick_on_a_finished_saga_does_nothing() -> None:
 # --- compensation replies ------------------------------------------------------------------------
 
 
-def failing_compensation() -> Run:
+def failing_compensation(definition: SagaDefinition = SEQ) -> Run:
     """SEQ with reserve succeeded and charge failed: reserve is compensating (attempt 1)."""
-    run = Run(SEQ)
+    run = Run(definition)
     run.start()
     run.reply("reserve")
     run.reply("charge", FAILURE, error="declined")
     return run
 
 
-@pytest.mark.parametrize("outcome", [ERROR, FAILURE])
-def test_a_compensation_error_retries_with_backoff(outcome: ReplyOutcome) -> None:
+def test_a_retryable_compensation_error_retries_with_backoff() -> None:
+    outcome = ERROR
     run = failing_compensation()
     run.now = T0 + 7
     d = run.reply("reserve", outcome, action=COMPENSATE, error="locked")
@@ -895,6 +928,197 @@ def test_duplicate_and_late_compensation_replies_are_ignored() -> None:
     assert run.state is not None and run.state.status is S.ABORTED
     d = run.reply("reserve", SUCCESS, action=COMPENSATE, attempt=1)
     assert nothing(d) and d.ignored
+
+
+# --- incidents: compensations that wait for an operator ------------------------------------------
+
+def with_budget(definition: SagaDefinition, attempts: int) -> SagaDefinition:
+    """The definition with another compensation budget (built anew: model_copy would carry over
+    cached properties such as the pinned JSON)."""
+    policy = COMP_RETRY.model_copy(update={"attempts": attempts})
+    fields = {name: getattr(definition, name) for name in SagaDefinition.model_fields}
+    return SagaDefinition(**{**fields, "compensation_retry": policy})
+
+
+#: SEQ with a compensation budget of 3, to keep the tests short.
+SHORT = with_budget(SEQ, 3)
+
+
+def stuck_compensation(definition: SagaDefinition = SHORT) -> Run:
+    """reserve succeeded, charge failed: reserve's compensation fails until its budget is spent."""
+    run = failing_compensation(definition)
+    for _ in range(definition.compensation_retry.attempts):
+        last = run.reply("reserve", ERROR, action=COMPENSATE, error="ledger down")
+    assert [type(e) for e in events(last)] == [IncidentOpened]
+    return run
+
+
+def test_a_spent_budget_opens_an_incident_and_stops_commands_and_timers_for_that_step() -> None:
+    run = failing_compensation(SHORT)
+    run.reply("reserve", ERROR, action=COMPENSATE, error="e1")
+    run.reply("reserve", ERROR, action=COMPENSATE, error="e2")
+    run.now = T0 + 50
+    d = run.reply("reserve", ERROR, action=COMPENSATE, error="e3")
+    reason = "compensation of reserve gave up after 3 attempts: e3"
+    assert events(d) == [IncidentOpened(step="reserve", reason=reason, attempts=3)]
+    assert d.commands == []
+    assert run.state is not None and run.state.status is S.COMPENSATING
+    assert run.state.incidents == (Incident(step="reserve", reason=reason, opened_ms=T0 + 50, attempts=3),)
+    assert run.state.step("reserve").status is T.COMPENSATING  # not undone: still to compensate
+    assert next_wakeup_ms(run.state, run.now) is None
+    assert outstanding_commands(run.state, ctx(T0 + 10**9)) == []
+    assert nothing(run.tick(T0 + 10**9))
+    again = run.reply("reserve", ERROR, action=COMPENSATE, error="e3 again")  # its answer arrives twice
+    assert nothing(again) and "in incident" in (again.ignored or "")
+    # A takeover rebuilds the incident from the newest record alone and re-sends nothing.
+    state, resent = takeover(run, T0 + 10**9, EPOCH + 1)
+    assert state.incidents == run.state.incidents and resent == []
+
+
+def test_a_business_failure_on_a_compensation_opens_an_incident_at_once() -> None:
+    run = failing_compensation()  # a budget of 10: none of it is spent on a "cannot"
+    run.now = T0 + 9
+    d = run.reply("reserve", FAILURE, action=COMPENSATE, error="UnknownStep: no compensate handler")
+    reason = "participant cannot compensate reserve: UnknownStep: no compensate handler"
+    assert events(d) == [IncidentOpened(step="reserve", reason=reason, attempts=1)]
+    assert d.commands == [] and run.state is not None
+    assert run.state.incident("reserve") == Incident(step="reserve", reason=reason, opened_ms=T0 + 9, attempts=1)
+    assert next_wakeup_ms(run.state, run.now) is None
+    stale = run.reply("reserve", FAILURE, action=COMPENSATE, attempt=1, error="again")
+    assert nothing(stale) and "in incident" in (stale.ignored or "")
+
+
+def test_retry_sends_the_next_attempt_now_with_a_fresh_budget() -> None:
+    run = stuck_compensation()
+    run.now = T0 + 1000
+    d = run.operator(RETRY_IT, "reserve", who="ada", why="ledger is back")
+    incident_reason = "compensation of reserve gave up after 3 attempts: ledger down"
+    assert events(d) == [
+        IncidentRetried(step="reserve", operator="ada", reason="ledger is back"),
+        CompensationBegun(
+            step="reserve", attempt=4, dispatch_at_ms=T0 + 1000, deadline_ms=T0 + 1000 + 2000,
+            last_error=incident_reason,
+        ),
+    ]
+    assert sent(d) == [("inventory", "reserve", COMPENSATE, 4)]
+    assert run.state is not None and run.state.incidents == ()
+    assert run.state.step("reserve").comp_budget_from == 3
+    assert next_wakeup_ms(run.state, run.now) == T0 + 3000  # its deadline is armed again
+    # A new budget: two more failures retry, the third opens a second incident.
+    assert [type(e) for e in events(run.reply("reserve", ERROR, action=COMPENSATE, error="x"))] == [CompensationBegun]
+    assert [type(e) for e in events(run.reply("reserve", ERROR, action=COMPENSATE, error="y"))] == [CompensationBegun]
+    d = run.reply("reserve", ERROR, action=COMPENSATE, error="z")
+    assert events(d) == [
+        IncidentOpened(step="reserve", reason="compensation of reserve gave up after 3 attempts: z", attempts=6)
+    ]
+    run.operator(RETRY_IT, "reserve")
+    d = run.compensated("reserve")
+    assert events(d) == [CompensationEnded(step="reserve"), SagaAborted(reason="step charge failed: declined")]
+
+
+def test_resolve_marks_the_step_compensated_and_the_saga_goes_on_to_aborted() -> None:
+    run = Run(SHORT)
+    run.start()
+    run.reply("reserve")
+    run.reply("charge")
+    run.reply("ship", FAILURE, error="no courier")
+    d = run.reply("charge", FAILURE, action=COMPENSATE, error="refund API gone")
+    assert [type(e) for e in events(d)] == [IncidentOpened]
+    assert run.status("reserve") is T.SUCCEEDED  # waits for charge: reverse order holds
+    run.now = T0 + 500
+    d = run.operator(RESOLVE_IT, "charge", who="bob", why="refunded by hand, ticket 42")
+    assert events(d) == [
+        IncidentResolved(step="charge", operator="bob", reason="refunded by hand, ticket 42"),
+        comp_begun("reserve", T0 + 500, 2000),  # the saga goes on
+    ]
+    assert sent(d) == [("inventory", "reserve", COMPENSATE, 1)]
+    assert run.state is not None and run.state.incidents == ()
+    assert (run.status("charge"), run.state.step("charge").error) == (T.COMPENSATED, None)
+    d = run.compensated("reserve")
+    assert events(d) == [CompensationEnded(step="reserve"), SagaAborted(reason="step ship failed: no courier")]
+    assert replay(run.log) == run.state
+
+
+def test_resolving_the_last_compensation_aborts_the_saga_at_once() -> None:
+    run = stuck_compensation()
+    d = run.operator(RESOLVE_IT, "reserve")
+    assert events(d) == [
+        IncidentResolved(step="reserve", operator="ada", reason="checked by hand"),
+        SagaAborted(reason="step charge failed: declined"),
+    ]
+    assert d.commands == [] and run.state is not None and run.state.status is S.ABORTED
+
+
+def test_an_incident_holds_only_its_own_branch_the_other_compensations_go_on() -> None:
+    run = Run(with_budget(DAG, 3))
+    run.start()
+    run.reply("a")
+    run.reply("b")
+    run.reply("c")
+    run.reply("d", FAILURE, error="x")
+    run.compensated("c")  # a and b compensate together now
+    d = run.reply("a", FAILURE, action=COMPENSATE, error="cannot")
+    assert [type(e) for e in events(d)] == [IncidentOpened]
+    assert run.state is not None and run.state.status is S.COMPENSATING
+    assert next_wakeup_ms(run.state, run.now) == run.state.step("b").deadline_ms  # b's timer only
+    assert [c.step for _, c in outstanding_commands(run.state, ctx(T0 + 10**9))] == ["b"]
+    d = run.compensated("b")
+    assert events(d) == [CompensationEnded(step="b")]  # the saga cannot end: a waits for an operator
+    assert run.state.status is S.COMPENSATING and next_wakeup_ms(run.state, run.now) is None
+    d = run.operator(RESOLVE_IT, "a")
+    assert events(d)[-1] == SagaAborted(reason="step d failed: x")
+
+
+def test_operator_actions_the_state_does_not_allow_are_rejected_with_the_reason() -> None:
+    from sagalog.definition import DefinitionSet
+
+    def decide(state: SagaState | None, action: IncidentAction, step: str, *, finished: bool = False,
+               who: str = "ada", why: str = "because") -> Decision:
+        request = OperatorAction(saga_id=SAGA, action=action, step=step, operator=who, reason=why, requested_ms=T0)
+        decision = on_inbox(state, finished, request, DefinitionSet([SHORT]), ctx())
+        check(state, decision, ctx())
+        return decision
+
+    retrying = failing_compensation()  # compensating, no incident
+    for action in (RETRY_IT, RESOLVE_IT):
+        d = decide(retrying.state, action, "reserve")
+        assert d.reject and "no open incident for step 'reserve' (it has none)" in (d.ignored or "")
+    running = Run(SHORT)
+    running.start()
+    d = decide(running.state, RETRY_IT, "reserve")
+    assert d.reject and "no open incident" in (d.ignored or "")
+
+    stuck = stuck_compensation()
+    d = decide(stuck.state, RETRY_IT, "charge")  # the wrong step
+    assert d.reject and "no open incident for step 'charge' (its open incidents are on: reserve)" in (d.ignored or "")
+    d = decide(stuck.state, RESOLVE_IT, "charge")
+    assert d.reject and "step 'charge' of saga order-1 is FAILED, not COMPENSATING" in (d.ignored or "")
+    d = decide(stuck.state, RETRY_IT, "teleport")
+    assert d.reject and "no step 'teleport'" in (d.ignored or "")
+    for who, why in (("", "because"), ("ada", "  ")):
+        d = decide(stuck.state, RESOLVE_IT, "reserve", who=who, why=why)
+        assert d.reject and "who asks and why" in (d.ignored or "")
+    d = decide(None, RETRY_IT, "reserve")
+    assert d.reject and "unknown saga 'order-1'" in (d.ignored or "")
+
+    # An ended saga: ignored, not rejected (an operator's action that arrives late is no mistake).
+    d = decide(None, RETRY_IT, "reserve", finished=True)
+    assert d.ignored and not d.reject
+    stuck.operator(RESOLVE_IT, "reserve")
+    assert stuck.state is not None and stuck.state.status is S.ABORTED
+    for action in (RETRY_IT, RESOLVE_IT):
+        d = decide(stuck.state, action, "reserve")
+        assert d.ignored and not d.reject and "ABORTED" in d.ignored
+    # And the accepted one goes through the same routing.
+    fresh = stuck_compensation()
+    d = decide(fresh.state, RETRY_IT, "reserve")
+    assert not d.ignored and [type(r.event) for r in d.records] == [IncidentRetried, CompensationBegun]
+
+
+def test_cancel_of_a_saga_in_incident_is_still_ignored() -> None:
+    run = stuck_compensation()
+    d = run.cancel()
+    assert nothing(d) and "COMPENSATING" in (d.ignored or "")
 
 
 # --- replies that change nothing -----------------------------------------------------------------
@@ -1184,6 +1408,14 @@ def check_rules(
                         assert before.step(dependent).status in SETTLED, (
                             "compensation before a dependent settled"
                         )
+            # Never past the budget: the attempt after it is an incident (an operator's retry
+            # starts a new budget, so it counts from there).
+            assert event.attempt - prior.comp_budget_from <= definition.compensation_retry.attempts
+            assert before.incident(event.step) is None, "a compensation attempt while in incident"
+        elif isinstance(event, IncidentOpened):
+            assert before is not None and before.incident(event.step) is None
+            prior = before.step(event.step)
+            assert prior.status is T.COMPENSATING
         elif isinstance(event, StepBegun) and event.attempt == 1:
             assert before is not None
             assert all(before.step(dep).status is T.SUCCEEDED for dep in definition.dependencies(event.step))
@@ -1218,7 +1450,9 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
 
     for _ in range(data.draw(st.integers(0, 25), label="inputs")):
         state = run.state
-        kind = data.draw(st.sampled_from(["reply", "reply", "reply", "stray", "tick", "cancel", "takeover"]))
+        kind = data.draw(
+            st.sampled_from(["reply", "reply", "reply", "stray", "tick", "cancel", "takeover", "operator"])
+        )
         if kind in ("reply", "stray"):
             live = [
                 (s.name, EXECUTE, s.attempt)
@@ -1254,6 +1488,17 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
         elif kind == "cancel":
             cancelled = cancelled or state.status is S.RUNNING
             decide_and_check(lambda state: on_cancel(state, "random", run.ctx))
+        elif kind == "operator":  # mostly at an open incident, sometimes anywhere (refused)
+            targets = [i.step for i in state.incidents] if data.draw(st.integers(0, 3)) else names
+            action = OperatorAction(
+                saga_id=SAGA,
+                action=data.draw(st.sampled_from(IncidentAction)),
+                step=data.draw(st.sampled_from(targets or names)),
+                operator="op",
+                reason="random",
+                requested_ms=run.now,
+            )
+            decide_and_check(lambda state, action=action: on_operator_action(state, action, run.ctx))
         else:
             old = outstanding_commands(state, run.ctx)
             run.epoch += 1
@@ -1265,11 +1510,17 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
             wake = next_wakeup_ms(run.state, run.now)
             assert wake is None and outstanding_commands(run.state, run.ctx) == []
 
-    # From here every participant answers SUCCESS to whatever is due: the saga must finish.
+    # From here every participant answers SUCCESS to whatever is due, and an operator retries any
+    # incident: the saga must finish.
     for _ in range(200):
         state = run.state
         if state.status.terminal:
             break
+        if state.incidents:
+            retry = OperatorAction(saga_id=SAGA, action=IncidentAction.RETRY, step=state.incidents[0].step,
+                                   operator="op", reason="fixed", requested_ms=run.now)
+            decide_and_check(lambda state, retry=retry: on_operator_action(state, retry, run.ctx))
+            continue
         due = outstanding_commands(state, run.ctx)
         if due:
             _, command = due[0]
@@ -1299,6 +1550,8 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
         f"compensation retries: {any(isinstance(r.event, CompensationBegun) and r.event.attempt > 1 for r in run.log)}"
     )
     event(f"epochs: {min(len({r.epoch for r in run.log}), 3)}")
+    event(f"incidents: {sum(isinstance(r.event, IncidentOpened) for r in run.log) > 0}")
+    event(f"resolved by an operator: {any(isinstance(r.event, IncidentResolved) for r in run.log)}")
     assert final.status.terminal, f"not finished: {final.status} {[(s.name, s.status) for s in final.steps]}"
     assert replay(run.log) == final
     if final.status is S.COMPLETED:

@@ -38,6 +38,11 @@ from sagalog.records import (
     EVENT_TYPES,
     CompensationBegun,
     CompensationEnded,
+    Incident,
+    IncidentAction,
+    IncidentOpened,
+    IncidentResolved,
+    IncidentRetried,
     PartitionClaim,
     SagaAborted,
     SagaAborting,
@@ -69,10 +74,20 @@ NOW = 1_700_000_000_000
 # --- building states and events ---------------------------------------------------------------
 
 
+#: Step events that need an open incident on the step (an operator's answer to one).
+NEEDS_INCIDENT = (IncidentRetried, IncidentResolved)
+
+
 def state_of(
-    saga: SagaStatus, a: StepStatus = T.PENDING, *, b: StepStatus = T.PENDING, seq: int = 5
+    saga: SagaStatus,
+    a: StepStatus = T.PENDING,
+    *,
+    b: StepStatus = T.PENDING,
+    seq: int = 5,
+    incident: bool = False,
 ) -> SagaState:
-    """A saga of TWO in ``saga`` status with step "a" in ``a``; counters consistent with ``a``."""
+    """A saga of TWO in ``saga`` status with step "a" in ``a``; counters consistent with ``a``;
+    with ``incident``, an open incident on "a"."""
     _, state = begin("saga-1", TWO, "{}", NOW, epoch=1)
     attempt = 0 if a is T.PENDING else 1
     comp_attempt = 1 if a in (T.COMPENSATING, T.COMPENSATED) else 0
@@ -80,12 +95,19 @@ def state_of(
         state.steps[0].model_copy(update={"status": a, "attempt": attempt, "comp_attempt": comp_attempt}),
         state.steps[1].model_copy(update={"status": b, "attempt": 0 if b is T.PENDING else 1}),
     )
-    return state.model_copy(update={"status": saga, "steps": steps, "seq": seq})
+    incidents = (Incident(step="a", reason="stuck", opened_ms=NOW - 1, attempts=comp_attempt),) if incident else ()
+    return state.model_copy(update={"status": saga, "steps": steps, "seq": seq, "incidents": incidents})
 
 
 def step_event(key: Any, state: SagaState, step: str = "a") -> Any:
     """The event for a STEP_TRANSITIONS key, with the attempt number that follows the state."""
     s = state.step(step)
+    if key is IncidentOpened:
+        return IncidentOpened(step=step, reason="no more tries", attempts=s.comp_attempt)
+    if key is IncidentRetried:
+        return IncidentRetried(step=step, operator="ada", reason="the service is fixed")
+    if key is IncidentResolved:
+        return IncidentResolved(step=step, operator="ada", reason="refunded by hand")
     if key is StepBegun:
         return StepBegun(step=step, attempt=s.attempt + 1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000)
     if key is CompensationBegun:
@@ -98,13 +120,24 @@ def step_event(key: Any, state: SagaState, step: str = "a") -> Any:
     return StepEnded(step=step, outcome=outcome, output="{}" if outcome is StepOutcome.SUCCEEDED else None)
 
 
-STEP_KEYS = [StepBegun, *[(StepEnded, o) for o in StepOutcome], CompensationBegun, CompensationEnded]
+STEP_KEYS = [
+    StepBegun,
+    *[(StepEnded, o) for o in StepOutcome],
+    CompensationBegun,
+    CompensationEnded,
+    IncidentOpened,
+    IncidentRetried,
+    IncidentResolved,
+]
 #: The saga status in which each step event is allowed at the saga level.
 SAGA_STATUS_FOR = {
     StepBegun: S.RUNNING,
     StepEnded: S.RUNNING,
     CompensationBegun: S.COMPENSATING,
     CompensationEnded: S.COMPENSATING,
+    IncidentOpened: S.COMPENSATING,
+    IncidentRetried: S.COMPENSATING,
+    IncidentResolved: S.COMPENSATING,
 }
 
 
@@ -121,8 +154,10 @@ def saga_level_example(status: SagaStatus, event_type: type) -> tuple[SagaState,
         state = state_of(status, T.RUNNING)
     elif event_type is CompensationBegun:
         state = state_of(status, T.SUCCEEDED)
-    elif event_type is CompensationEnded:
+    elif event_type in (CompensationEnded, IncidentOpened):
         state = state_of(status, T.COMPENSATING)
+    elif event_type in NEEDS_INCIDENT:
+        state = state_of(status, T.COMPENSATING, incident=True)
     elif event_type is SagaEnded:
         state = state_of(status, T.SUCCEEDED, b=T.SUCCEEDED)
     elif event_type is SagaAborted:
@@ -230,7 +265,7 @@ def test_every_step_event_is_in_the_step_table() -> None:
     ),
 )
 def test_step_table_row(before: StepStatus, key: Any, after: StepStatus) -> None:
-    state = state_of(SAGA_STATUS_FOR[_key_type(key)], before)
+    state = state_of(SAGA_STATUS_FOR[_key_type(key)], before, incident=key in NEEDS_INCIDENT)
     event = step_event(key, state)
     result = apply(state, event, NOW + 5, epoch=1)
     step = result.step("a")
@@ -242,6 +277,11 @@ def test_step_table_row(before: StepStatus, key: Any, after: StepStatus) -> None
         assert (step.comp_attempt, step.attempt) == (event.attempt, state.step("a").attempt)
     elif _key_type(key) is StepEnded:
         assert (step.output, step.error) == (event.output, event.error)
+    elif key is IncidentOpened:
+        assert result.incidents == (Incident(step="a", reason=event.reason, opened_ms=NOW + 5, attempts=1),)
+    elif key in NEEDS_INCIDENT:
+        assert result.incidents == ()  # closed
+        assert step.comp_budget_from == (step.comp_attempt if key is IncidentRetried else 0)
 
 
 _MISSING_STEP_PAIRS = [
@@ -259,7 +299,7 @@ _MISSING_STEP_PAIRS = [
     ),
 )
 def test_step_table_missing_pair_is_illegal(before: StepStatus, key: Any) -> None:
-    state = state_of(SAGA_STATUS_FOR[_key_type(key)], before)
+    state = state_of(SAGA_STATUS_FOR[_key_type(key)], before, incident=key in NEEDS_INCIDENT)
     with pytest.raises(IllegalTransition, match="step 'a' is"):
         apply(state, step_event(key, state), NOW, epoch=1)
 
@@ -363,6 +403,70 @@ def test_compensation_attempt_must_be_the_next_one(done: int, attempt: int, stat
             apply(state, event, NOW, 1)
 
 
+# --- incidents: the invariants that are not pairs ---------------------------------------------
+
+
+def test_an_incident_opens_once_per_step_with_the_steps_attempts() -> None:
+    state = state_of(S.COMPENSATING, T.COMPENSATING)
+    with pytest.raises(IllegalTransition, match="2 attempts, the step made 1"):
+        apply(state, IncidentOpened(step="a", reason="r", attempts=2), NOW, 1)
+    opened = apply(state, IncidentOpened(step="a", reason="r", attempts=1), NOW + 3, 1)
+    assert opened.incidents == (Incident(step="a", reason="r", opened_ms=NOW + 3, attempts=1),)
+    assert opened.incident("a") == opened.incidents[0] and opened.incident("b") is None
+    with pytest.raises(IllegalTransition, match="open incident already"):
+        apply(opened, IncidentOpened(step="a", reason="again", attempts=1), NOW, 1)
+
+
+def test_no_compensation_attempt_while_in_incident_until_an_operator_retries() -> None:
+    state = state_of(S.COMPENSATING, T.COMPENSATING, incident=True)
+    attempt2 = CompensationBegun(step="a", attempt=2, dispatch_at_ms=NOW, deadline_ms=NOW + 1)
+    with pytest.raises(IllegalTransition, match="in incident"):
+        apply(state, attempt2, NOW, 1)
+    retried = apply(state, IncidentRetried(step="a", operator="ada", reason="fixed"), NOW, 1)
+    assert retried.incidents == () and retried.step("a").comp_budget_from == 1
+    assert apply(retried, attempt2, NOW, 1).step("a").comp_attempt == 2
+
+
+@pytest.mark.parametrize("event_type", NEEDS_INCIDENT)
+def test_an_operators_answer_needs_an_open_incident(event_type: type) -> None:
+    state = state_of(S.COMPENSATING, T.COMPENSATING)
+    with pytest.raises(IllegalTransition, match="no open incident"):
+        apply(state, step_event(event_type, state), NOW, 1)
+
+
+def test_a_late_success_closes_the_incident_and_an_open_incident_blocks_the_abort() -> None:
+    state = state_of(S.COMPENSATING, T.COMPENSATING, incident=True)
+    with pytest.raises(IllegalTransition, match="not compensated"):
+        apply(state, SagaAborted(reason="x"), NOW, 1)
+    ended = apply(state, CompensationEnded(step="a"), NOW, 1)
+    assert ended.incidents == () and ended.step("a").status is T.COMPENSATED
+    assert apply(ended, SagaAborted(reason="x"), NOW, 1).status is S.ABORTED
+
+
+def test_an_incident_on_one_step_leaves_the_others_alone() -> None:
+    state = state_of(S.COMPENSATING, T.COMPENSATING, b=T.SUCCEEDED, incident=True)
+    state = apply(state, CompensationBegun(step="b", attempt=1, dispatch_at_ms=NOW, deadline_ms=NOW), NOW, 1)
+    state = apply(state, IncidentOpened(step="b", reason="b too", attempts=1), NOW + 1, 1)
+    assert [i.step for i in state.incidents] == ["a", "b"]  # oldest first
+    state = apply(state, IncidentResolved(step="b", operator="ada", reason="by hand"), NOW + 2, 1)
+    assert [i.step for i in state.incidents] == ["a"] and state.step("b").status is T.COMPENSATED
+
+
+def test_operator_action_refusal_says_why() -> None:
+    from sagalog.fold import operator_action_refusal
+
+    RETRY, RESOLVE = IncidentAction.RETRY, IncidentAction.RESOLVE_COMPENSATED
+    stuck = state_of(S.COMPENSATING, T.COMPENSATING, incident=True)
+    assert operator_action_refusal(stuck, RETRY, "a") is None
+    assert operator_action_refusal(stuck, RESOLVE, "a") is None
+    assert "no step 'zz' (its steps: a, b)" in (operator_action_refusal(stuck, RETRY, "zz") or "")
+    assert "its open incidents are on: a" in (operator_action_refusal(stuck, RETRY, "b") or "")
+    assert "is PENDING, not COMPENSATING" in (operator_action_refusal(stuck, RESOLVE, "b") or "")
+    retrying = state_of(S.COMPENSATING, T.COMPENSATING)
+    for action in (RETRY, RESOLVE):
+        assert "no open incident for step 'a' (it has none)" in (operator_action_refusal(retrying, action, "a") or "")
+
+
 # --- properties of valid histories ------------------------------------------------------------
 
 
@@ -372,6 +476,7 @@ def _check_consistent(history: list[SagaLogRecord], state: SagaState) -> None:
     assert [r.seq for r in history] == list(range(1, len(history) + 1))
     assert state.status.terminal
     assert not any(s.status is T.COMPENSATING for s in state.steps)
+    assert state.incidents == ()  # every incident closed before the saga could end
     # RUNNING only for a non-compensable step in flight at the abort: a known bug, see
     # test_aborted_saga_has_no_step_in_flight.
     assert all(

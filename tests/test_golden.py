@@ -17,8 +17,17 @@ import pytest
 from sagalog.codec import HEADER_LEN, Codec
 from sagalog.fold import PartitionFold, replay
 from sagalog.records import (
+    Action,
     CompensationBegun,
     CompensationEnded,
+    IncidentAction,
+    IncidentOpened,
+    IncidentRetried,
+    OperatorAction,
+    ParticipantCommand,
+    ParticipantReply,
+    ReplyOutcome,
+    SagaAborted,
     SagaLogRecord,
     StepBegun,
     StepEnded,
@@ -28,6 +37,7 @@ from sagalog.records import (
 GOLDEN = Path(__file__).resolve().parent / "golden"
 NAMES = ["happy_path", "business_failure", "timeout_retry", "dag_abort"]
 V1_FINGERPRINT = "cabbdbbc60c5b026"  # schemas/history/saga_log_record.v1.avsc, as on the wire
+V2_FINGERPRINT = "62e5c87f8dfdb370"  # schemas/history/saga_log_record.v2.avsc: current when recorded
 
 
 def load(name: str) -> tuple[list[tuple[bytes, bytes | None]], dict[str, Any]]:
@@ -37,7 +47,21 @@ def load(name: str) -> tuple[list[tuple[bytes, bytes | None]], dict[str, Any]]:
         assert row["offset"] == i
         value = None if row["value"] is None else base64.b64decode(row["value"], validate=True)
         messages.append((row["key"].encode(), value))
-    return messages, json.loads((GOLDEN / f"{name}.expected.json").read_text())
+    expected = json.loads((GOLDEN / f"{name}.expected.json").read_text())
+    expected["sagas"] = {saga_id: with_fields_added_since(state) for saga_id, state in expected["sagas"].items()}
+    return messages, expected
+
+
+def with_fields_added_since(state: dict[str, Any]) -> dict[str, Any]:
+    """A recorded state as the current fold gives it: exactly as recorded, plus the fields added
+    to the state since the logs were written, at the values an old log gives them. Schema v3
+    (incidents) added the snapshot's ``incidents`` and each step's ``comp_budget_from``."""
+    assert "incidents" not in state, "recorded after v3: nothing to add"
+    return {
+        **state,
+        "incidents": [],
+        "steps": [{**step, "comp_budget_from": 0} for step in state["steps"]],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +143,7 @@ def test_timeout_retry_spans_schema_versions_and_a_zombie(codec: Codec) -> None:
     messages, expected = load("timeout_retry")
     headers = [value[2:HEADER_LEN].hex() for _, value in messages if value is not None]
     assert V1_FINGERPRINT in headers  # part of the log was written with schema v1
-    assert codec.fingerprints["sagalog.SagaLogRecord"].hex() in headers  # and part with the current one
+    assert V2_FINGERPRINT in headers  # and part with v2, the current one when it was recorded
     records = [item for _, item in decoded("timeout_retry", codec) if isinstance(item, SagaLogRecord)]
     assert {r.writer for r in records} == {None, "manager-b"}
     assert expected["rejected_offsets"] and expected["partition_epoch"] == 2
@@ -146,3 +170,57 @@ def test_dag_abort_compensates_parallel_steps_before_their_dependency(codec: Cod
         "car": "COMPENSATED",  # was in flight at the abort
         "confirm": "PENDING",
     }
+
+
+# --- sagas begun before incidents run on under the new rules ----------------------------------
+
+
+def test_an_old_saga_caught_compensating_gets_a_budget_an_incident_and_an_operator(codec: Codec) -> None:
+    """business_failure's saga as a manager of today would take it over while ``charge`` is being
+    compensated (attempt 2): its pinned definition, written before compensations had a budget,
+    still loads; the budget is what it pinned (``attempts: 3``, the default of the time, unused
+    then), so the third failure opens an incident; an operator's retry sends attempt 4 at once,
+    and its success lets the saga abort as it always would have."""
+    from manager.decide import Context, on_inbox, on_reply
+    from sagalog.definition import DefinitionSet
+
+    _, expected = load("business_failure")
+    rejected = set(expected["rejected_offsets"])
+    records = [
+        item
+        for offset, (_, item) in enumerate(decoded("business_failure", codec))
+        if isinstance(item, SagaLogRecord) and item.saga_id == "order-0002" and offset not in rejected
+    ]
+    last_attempt = max(
+        i for i, r in enumerate(records) if isinstance(r.event, CompensationBegun) and r.event.step == "charge"
+    )
+    state = replay(records[: last_attempt + 1])
+    assert state is not None and state.status == "COMPENSATING"
+    assert (state.step("charge").comp_attempt, state.incidents) == (2, ())
+    assert state.definition_model.compensation_retry.attempts == 3  # as pinned
+    epoch = max(r.epoch for r in records)
+    ctx = Context(now_ms=records[-1].timestamp_ms, epoch=epoch, reply_topic="inbox", reply_partition=0)
+
+    def reply(attempt: int, outcome: ReplyOutcome) -> ParticipantReply:
+        return ParticipantReply(
+            command_id=ParticipantCommand.make_id("order-0002", "charge", Action.COMPENSATE), saga_id="order-0002",
+            step="charge", action=Action.COMPENSATE, attempt=attempt, epoch=epoch, outcome=outcome,
+            output="{}" if outcome is ReplyOutcome.SUCCESS else None, error=None if outcome is ReplyOutcome.SUCCESS
+            else "ledger down", participant="payments", replied_ms=ctx.now_ms,
+        )
+
+    third = on_reply(state, reply(2, ReplyOutcome.RETRYABLE_ERROR), ctx).current
+    assert third.step("charge").comp_attempt == 3
+    stuck = on_reply(third, reply(3, ReplyOutcome.RETRYABLE_ERROR), ctx)
+    assert [type(r.event) for r in stuck.records] == [IncidentOpened] and stuck.commands == []
+    assert stuck.current.incident("charge") is not None
+
+    retry = OperatorAction(saga_id="order-0002", action=IncidentAction.RETRY, step="charge", operator="ada",
+                           reason="ledger is back", requested_ms=ctx.now_ms)
+    retried = on_inbox(stuck.current, False, retry, DefinitionSet(), ctx)
+    assert [type(r.event) for r in retried.records] == [IncidentRetried, CompensationBegun]
+    assert [(c.step, c.action, c.attempt) for _, c in retried.commands] == [("charge", Action.COMPENSATE, 4)]
+    done = on_reply(retried.current, reply(4, ReplyOutcome.SUCCESS), ctx)
+    assert [type(r.event) for r in done.records][0] is CompensationEnded
+    assert [r.event.step for r in done.records if isinstance(r.event, CompensationBegun)] == ["reserve"]
+    assert not any(isinstance(r.event, SagaAborted) for r in done.records)  # reserve still to undo
