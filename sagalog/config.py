@@ -34,7 +34,7 @@ class Topics:
             from sagalog.errors import ConfigError
 
             raise ConfigError(
-                f"topic prefix {self.prefix!r} is not valid: use letters, digits, '.', '_' and '-'"
+                f"topic prefix {self.prefix!r} is not a valid topic name prefix (use letters, digits, '.', '_' and '-')"
             )
 
     @property
