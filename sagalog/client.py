@@ -11,8 +11,10 @@
 
 Starting produces a ``StartSaga`` request to ``<prefix>.inbox`` keyed by saga id (Kafka's
 murmur2 partitioner, as every producer of the project), which the manager owning that
-partition picks up; cancelling produces a ``CancelSaga``. The client keeps **one producer**
-for its lifetime, created at the first start or cancel; :meth:`SagaClient.start_many` produces
+partition picks up; cancelling produces a ``CancelSaga``; answering an incident (a compensation
+that waits for an operator) produces an ``OperatorAction`` (:meth:`SagaClient.retry`,
+:meth:`SagaClient.resolve`). The client keeps **one producer**
+for its lifetime, created at the first request it sends; :meth:`SagaClient.start_many` produces
 every request and flushes **once**. Queries (:meth:`~SagaClient.status`, :meth:`~SagaClient.wait`,
 :meth:`~SagaClient.list`, ...) answer from the read model (:mod:`sagalog.readmodel`): a local
 SQLite cache of the saga log caught up at each call, which needs no manager to be running.
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     from sagalog.fold import SagaState
     from sagalog.kafka import ClientOverrides
     from sagalog.readmodel import HistoryEntry, ReadModel, SagaNotFound, SagaRemoved, SagaSummary, SagaView
-    from sagalog.records import SagaStatus
+    from sagalog.records import IncidentAction, OperatorAction, SagaStatus
 
 __all__ = [
     "InvalidPayload",
@@ -491,6 +493,74 @@ class SagaClient:
         request = CancelSaga(saga_id=saga_id, reason=reason, requested_ms=int(time.time() * 1000))
         self._produce([(saga_id, Codec().encode(request))], "cancel request")
 
+    # -- incidents -----------------------------------------------------------------------
+
+    def retry(
+        self,
+        saga_id: str,
+        *,
+        step: str | None = None,
+        operator: str | None = None,
+        reason: str = "retried by operator",
+    ) -> OperatorAction:
+        """Ask the owning manager to try a compensation in incident again now, with a new retry
+        budget (``saga retry``). ``step``: which incident, needed only when the saga has several.
+        ``operator`` (default: the OS user) and ``reason`` are recorded on the log.
+
+        Refused with :class:`ConfigError` saying why when the manager would refuse it: the saga
+        has finished, or has no open incident (for that step); :class:`SagaNotFound` for an
+        unknown saga. Returns the request sent.
+        """
+        from sagalog.records import IncidentAction
+
+        return self._answer_incident(saga_id, IncidentAction.RETRY, step, operator, reason)
+
+    def resolve(self, saga_id: str, step: str, *, reason: str, operator: str | None = None) -> OperatorAction:
+        """Tell the owning manager that ``step``'s effect was undone by hand (``saga resolve
+        --as-compensated``): the step becomes COMPENSATED, its incident closes and the saga goes
+        on, typically to ABORTED. ``operator`` (default: the OS user) and ``reason`` (required:
+        how it was undone) are recorded on the log.
+
+        Refused with :class:`ConfigError` saying why when the manager would refuse it: the saga
+        has finished, the step is not being compensated or has no open incident;
+        :class:`SagaNotFound` for an unknown saga. Returns the request sent.
+        """
+        from sagalog.records import IncidentAction
+
+        return self._answer_incident(saga_id, IncidentAction.RESOLVE_COMPENSATED, step, operator, reason)
+
+    def _answer_incident(
+        self, saga_id: str, action: IncidentAction, step: str | None, operator: str | None, reason: str
+    ) -> OperatorAction:
+        from sagalog.codec import Codec
+        from sagalog.fold import operator_action_refusal
+        from sagalog.records import OperatorAction
+
+        verb = "retry" if action == "RETRY" else "resolve"
+        if not reason.strip():
+            raise ConfigError(f"a {verb} needs a reason: it is recorded on the log with who asked")
+        who = default_operator() if operator is None else operator
+        if not who.strip():
+            raise ConfigError(f"a {verb} needs an operator name: it is recorded on the log")
+        state = self.status(saga_id)
+        if state.status.terminal:
+            raise ConfigError(f"saga {saga_id!r} has already finished ({state.status.value}); nothing to {verb}")
+        if step is None:
+            if not state.incidents:
+                raise ConfigError(f"saga {saga_id!r} has no open incident; nothing to {verb}")
+            if len(state.incidents) > 1:
+                steps = ", ".join(i.step for i in state.incidents)
+                raise ConfigError(f"saga {saga_id!r} has open incidents on steps {steps}: name the step to {verb}")
+            step = state.incidents[0].step
+        refusal = operator_action_refusal(state, action, step)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        request = OperatorAction(
+            saga_id=saga_id, action=action, step=step, operator=who, reason=reason, requested_ms=int(time.time() * 1000)
+        )
+        self._produce([(saga_id, Codec().encode(request))], f"{verb} request")
+        return request
+
     # -- queries -------------------------------------------------------------------------
 
     def status(self, saga_id: str) -> SagaState:
@@ -506,14 +576,24 @@ class SagaClient:
         return self._model().history(saga_id)
 
     def list(
-        self, status: SagaStatus | str | None = None, saga_type: str | None = None, limit: int | None = 50
+        self,
+        status: SagaStatus | str | None = None,
+        saga_type: str | None = None,
+        limit: int | None = 50,
+        *,
+        with_incident: bool = False,
     ) -> list[SagaSummary]:
-        """Sagas, newest first, optionally of one status and/or type; ``limit`` 0 or None: all."""
-        return self._model().list_sagas(status=_status(status), saga_type=saga_type, limit=limit or None)
+        """Sagas, newest first, optionally of one status and/or type, or only those with an open
+        incident (``with_incident``); ``limit`` 0 or None: all."""
+        return self._model().list_sagas(
+            status=_status(status), saga_type=saga_type, limit=limit or None, with_incident=with_incident
+        )
 
-    def count(self, status: SagaStatus | str | None = None, saga_type: str | None = None) -> int:
+    def count(
+        self, status: SagaStatus | str | None = None, saga_type: str | None = None, *, with_incident: bool = False
+    ) -> int:
         """How many sagas match (as of the last query's catch-up)."""
-        return self._model().count(status=_status(status), saga_type=saga_type)
+        return self._model().count(status=_status(status), saga_type=saga_type, with_incident=with_incident)
 
     def counts(self) -> dict[SagaStatus, int]:
         """Sagas per status (as of the last query's catch-up), every status present."""
@@ -545,6 +625,12 @@ class SagaClient:
                 f"saga {saga_id} has not begun after {timeout_s:g} s: is a manager running ('saga manager')? "
                 f"Refused start requests go to {self.topics.dead_letters}"
             )
+        elif state.incidents:  # it will not end by waiting: say so
+            steps = ", ".join(i.step for i in state.incidents)
+            message = (
+                f"saga {saga_id} is still {state.status.value} after {timeout_s:g} s and waits for an operator: "
+                f"incident on {steps}; see 'saga status {saga_id}'"
+            )
         else:
             at = ", ".join(s.name for s in state.steps if s.status in ("RUNNING", "COMPENSATING")) or "-"
             message = (
@@ -552,6 +638,18 @@ class SagaClient:
                 f"check it later with 'saga status {saga_id}'"
             )
         raise SagaTimeout(message, saga_id=saga_id, timeout_s=timeout_s, state=state)
+
+
+def default_operator() -> str:
+    """Who acts on an incident when nobody says: the OS user (``getpass.getuser()``), or ``uid N``
+    in a process without a user name (a container run with a bare uid)."""
+    import getpass
+    import os
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # OSError from Python 3.13; KeyError (pwd) before
+        return f"uid {os.getuid()}"
 
 
 def _status(status: SagaStatus | str | None) -> SagaStatus | None:

@@ -31,7 +31,9 @@ Tables (all rebuildable from the log at any time; delete the file to start over)
     partitions  partition, next_offset, epoch (newest claim), owner, claimed_ms,
                 records, decode_errors, rejected
     sagas       id, partition, type, status, seq, epoch, started_ms, updated_ms, current steps,
-                reason, definition_id, snapshot (JSON of the saga state, without the definition)
+                reason, incidents (JSON list of the open incidents, '[]' if none: what
+                ``saga list --incidents`` selects, through a partial index), definition_id,
+                snapshot (JSON of the saga state, without the definition)
     definitions id (hash), json: pinned definitions, stored once however many sagas share one
     history     partition, offset, saga_id, seq, epoch, timestamp_ms, event_type, event (JSON),
                 writer, rejected (why the fold refused it, or NULL)
@@ -74,9 +76,10 @@ from sagalog.definition import SagaDefinition
 from sagalog.errors import BrokerUnavailable, ConfigError, DecodeError
 from sagalog.fold import PartitionFold, SagaState
 from sagalog.kafka import ClientOverrides, admin_client, reader_config, translate
-from sagalog.records import PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
+from sagalog.records import Incident, PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
 
-SCHEMA_VERSION = "1"
+#: The layout of the file; a file of another version is rebuilt from the log. 2: sagas.incidents.
+SCHEMA_VERSION = "2"
 #: How long ``saga status`` can still say "finished and removed" about a tombstoned saga.
 REMOVED_KEPT_MS = 7 * 24 * 3600 * 1000
 STATE_DIR_ENV = "SAGA_STATE_DIR"
@@ -189,6 +192,8 @@ class SagaSummary:
     updated_ms: int
     current: tuple[str, ...]
     reason: str | None
+    #: Open incidents: compensations waiting for an operator (``saga retry``, ``saga resolve``).
+    incidents: tuple[Incident, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -201,7 +206,17 @@ class SagaSummary:
             "updated_ms": self.updated_ms,
             "current_steps": list(self.current),
             "reason": self.reason,
+            "incidents": [incident_json(i) for i in self.incidents],
         }
+
+
+def incident_json(incident: Incident) -> dict[str, Any]:
+    return {
+        "step": incident.step,
+        "reason": incident.reason,
+        "opened_ms": incident.opened_ms,
+        "attempts": incident.attempts,
+    }
 
 
 @dataclass(frozen=True)
@@ -273,10 +288,13 @@ CREATE TABLE IF NOT EXISTS sagas (
     updated_ms INTEGER NOT NULL,
     current TEXT NOT NULL,
     reason TEXT,
+    incidents TEXT NOT NULL DEFAULT '[]',
     definition_id TEXT NOT NULL,
     snapshot TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sagas_by_start ON sagas (started_ms DESC);
+-- Few sagas ever have an open incident: the index holds only those.
+CREATE INDEX IF NOT EXISTS sagas_with_incidents ON sagas (started_ms DESC) WHERE incidents != '[]';
 CREATE INDEX IF NOT EXISTS sagas_by_status ON sagas (status, started_ms DESC);
 CREATE INDEX IF NOT EXISTS sagas_by_type ON sagas (type, started_ms DESC);
 CREATE INDEX IF NOT EXISTS sagas_by_partition ON sagas (partition);
@@ -745,7 +763,7 @@ class ReadModel:
         snapshot = state.model_dump(mode="json", exclude={"definition"})
         self.db.execute(
             "INSERT OR REPLACE INTO sagas (id, partition, type, status, seq, epoch, started_ms, updated_ms, current, "
-            "reason, definition_id, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "reason, incidents, definition_id, snapshot) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 state.saga_id,
                 p,
@@ -757,6 +775,7 @@ class ReadModel:
                 state.updated_ms,
                 ",".join(s.name for s in state.steps if s.status in ACTIVE_STEP),
                 state.reason,
+                json.dumps(snapshot["incidents"], separators=(",", ":")),
                 definition_id,
                 json.dumps(snapshot, separators=(",", ":")),
             ),
@@ -840,13 +859,15 @@ class ReadModel:
         saga_type: str | None = None,
         limit: int | None = 50,
         catch_up: bool = True,
+        with_incident: bool = False,
     ) -> list[SagaSummary]:
-        """Sagas, newest first, optionally filtered (catching up every partition)."""
+        """Sagas, newest first, optionally filtered (catching up every partition);
+        ``with_incident``: only sagas with an open incident."""
         if catch_up:
             self.catch_up()
-        where, args = self._filters(status, saga_type)
+        where, args = self._filters(status, saga_type, with_incident)
         sql = (
-            "SELECT id, partition, type, status, seq, started_ms, updated_ms, current, reason FROM sagas"
+            "SELECT id, partition, type, status, seq, started_ms, updated_ms, current, reason, incidents FROM sagas"
             f"{where} ORDER BY started_ms DESC, id"
         )
         if limit:
@@ -863,17 +884,24 @@ class ReadModel:
                 updated_ms=r[6],
                 current=tuple(filter(None, r[7].split(","))),
                 reason=r[8],
+                incidents=tuple(Incident.model_validate(i) for i in json.loads(r[9])),
             )
             for r in self.db.execute(sql, args).fetchall()
         ]
 
-    def count(self, *, status: SagaStatus | None = None, saga_type: str | None = None) -> int:
-        where, args = self._filters(status, saga_type)
+    def count(
+        self, *, status: SagaStatus | None = None, saga_type: str | None = None, with_incident: bool = False
+    ) -> int:
+        where, args = self._filters(status, saga_type, with_incident)
         return int(self.db.execute(f"SELECT count(*) FROM sagas{where}", args).fetchone()[0])  # noqa: S608
 
     @staticmethod
-    def _filters(status: SagaStatus | None, saga_type: str | None) -> tuple[str, list[Any]]:
+    def _filters(
+        status: SagaStatus | None, saga_type: str | None, with_incident: bool = False
+    ) -> tuple[str, list[Any]]:
         clauses, args = [], []
+        if with_incident:
+            clauses.append("incidents != '[]'")  # the partial index's condition, word for word
         if status is not None:
             clauses.append("status = ?")
             args.append(status.value)

@@ -1,10 +1,11 @@
-"""``saga start|status|history|list|cancel``: start sagas and look at them.
+"""``saga start|status|history|list|cancel|retry|resolve``: start sagas, look at them, act on them.
 
 Every command goes through :class:`sagalog.client.SagaClient`, the API services use too: queries
 answer from the read model (:mod:`sagalog.readmodel`), a local SQLite cache of the saga log caught
-up from the log at each call, so no manager needs to be running to answer; starting and cancelling
-produce a request to ``<prefix>.inbox`` keyed by saga id, which the manager owning that partition
-picks up. ``saga start --from FILE`` starts many sagas with one flush.
+up from the log at each call, so no manager needs to be running to answer; starting, cancelling
+and answering an incident (``retry``, ``resolve``) produce a request to ``<prefix>.inbox`` keyed
+by saga id, which the manager owning that partition picks up. ``saga start --from FILE`` starts
+many sagas with one flush.
 
 Exit codes: 0 success; 2 a user mistake (unknown saga or type, bad payload, invalid flags);
 3 the broker is unavailable; with ``--wait``: 4 the saga was ABORTED, 5 timed out waiting.
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from sagalog.definition import DefinitionSet
     from sagalog.fold import SagaState
     from sagalog.readmodel import HistoryEntry, SagaView
+    from sagalog.records import Incident
 
 EXIT_ABORTED = 4
 EXIT_TIMEOUT = 5
@@ -480,6 +482,7 @@ def _view_json(view: SagaView) -> dict[str, Any]:
         "definition_version": definition.version,
         "status": state.status.value,
         "reason": state.reason,
+        "incidents": [_incident_json(state, incident) for incident in state.incidents],
         "current_steps": list(view.current),
         "partition": view.partition,
         "owner": None
@@ -508,13 +511,31 @@ def _view_json(view: SagaView) -> dict[str, Any]:
     }
 
 
+def _incident_json(state: SagaState, incident: Incident) -> dict[str, Any]:
+    from sagalog.readmodel import incident_json
+
+    return {**incident_json(incident), "commands": _incident_commands(state.saga_id, incident.step)}
+
+
+def _incident_commands(saga_id: str, step: str) -> list[str]:
+    """The two ways out of an incident, as command lines to paste."""
+    return [
+        f"saga retry {saga_id} --step {step} --reason '...'",
+        f"saga resolve {saga_id} --step {step} --as-compensated --reason '...'",
+    ]
+
+
 def _event_detail(entry: HistoryEntry) -> str:
     event = entry.event
     parts: list[str] = []
     if "step" in event:
         parts.append(str(event["step"]))
+    if event.get("operator"):
+        parts.append(f"by {event['operator']}")
     if "attempt" in event:
         parts.append(f"attempt {event['attempt']}")
+    if "attempts" in event:
+        parts.append(f"after {event['attempts']} attempts")
     if event.get("outcome"):
         parts.append(str(event["outcome"]))
     for key in ("reason", "error", "last_error"):
@@ -566,6 +587,8 @@ def _print_view(view: SagaView) -> None:
     console.print(f"  log partition {view.partition}{owner}")
     if state.reason:
         console.print(f"  reason: {escape(state.reason)}")
+    for incident in state.incidents:
+        _print_incident(console, state, incident)
     if view.current:
         current = ", ".join(
             f"{name} ({state.step(name).status.value.lower()}, attempt "
@@ -576,14 +599,18 @@ def _print_view(view: SagaView) -> None:
     console.print(f"  payload: {escape(_short(state.payload, 100))}")
 
     steps = Table(title="steps", title_justify="left")
+    incident_steps = {i.step for i in state.incidents}
     for column in ("step", "participant", "status", "attempts", "output", "error"):
         steps.add_column(column, overflow="fold")
     for step in state.steps:
         attempts = str(step.attempt) + (f" (+{step.comp_attempt} comp.)" if step.comp_attempt else "")
+        status = _styled(step.status.value, _STEP_STYLE)
+        if step.name in incident_steps:
+            status += " [bold red](incident)[/]"
         steps.add_row(
             escape(step.name),
             escape(definition.by_name[step.name].participant),
-            _styled(step.status.value, _STEP_STYLE),
+            status,
             attempts,
             escape(_short(step.output, 40)),
             escape(_short(step.error, 50)),
@@ -605,6 +632,22 @@ def _print_view(view: SagaView) -> None:
             "" if entry.epoch is None else str(entry.epoch),
         )
     console.print(timeline)
+
+
+def _print_incident(console: Console, state: SagaState, incident: Incident) -> None:
+    """An open incident, so that nobody misses it: what, since when, and the two ways out."""
+    from rich.markup import escape
+
+    since = _duration(max(0, int(time.time() * 1000) - incident.opened_ms))
+    attempts = f"{incident.attempts} compensation attempt{'s' if incident.attempts != 1 else ''}"
+    console.print(
+        f"  [bold red]INCIDENT[/] on step [bold]{escape(incident.step)}[/]: its compensation waits for an "
+        f"operator (since {_date(incident.opened_ms)}, {since} ago; after {attempts})"
+    )
+    console.print(f"    reason: {escape(incident.reason)}")
+    retry, resolve = _incident_commands(state.saga_id, incident.step)
+    console.print(f"    try it again (a new retry budget):  {escape(retry)}")
+    console.print(f"    it was undone by hand:              {escape(resolve)}")
 
 
 # --- history ----------------------------------------------------------------------------------
@@ -638,6 +681,9 @@ def history_command(
         fields = json.dumps(entry.event, separators=(",", ":")) if entry.event else ""
         if entry.rejected:
             fields = f"[red]rejected: {escape(entry.rejected)}[/] " + escape(fields)
+        elif entry.event.get("operator"):  # an operator's action: who and why first
+            who = f"[bold]operator {escape(str(entry.event['operator']))}[/]: {escape(str(entry.event.get('reason')))} "
+            fields = who + escape(fields)
         else:
             fields = escape(fields)
         table.add_row(
@@ -660,6 +706,9 @@ def history_command(
 @click.option("--status", type=click.Choice(STATUSES, case_sensitive=False), default=None, help="Only sagas in this status.")
 @click.option("--type", "saga_type", default=None, metavar="TYPE", help="Only sagas of this type.")
 @click.option(
+    "--incidents", "with_incident", is_flag=True, help="Only sagas with an open incident (waiting for an operator)."
+)
+@click.option(
     "--limit", type=click.IntRange(min=0), default=50, show_default=True, help="At most this many, newest first (0: all)."
 )
 @json_option
@@ -667,6 +716,7 @@ def history_command(
 def list_command(
     status: str | None,
     saga_type: str | None,
+    with_incident: bool,
     limit: int,
     as_json: bool,
     bootstrap_servers: str,
@@ -674,22 +724,27 @@ def list_command(
     state_dir: Path | None,
     client_settings: tuple[str, ...],
 ) -> None:
-    """List sagas, newest first, with their status and current step(s)."""
+    """List sagas, newest first, with their status, current step(s) and any open incident."""
     from rich.markup import escape
     from rich.table import Table
 
     with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
-        sagas = client.list(status=status, saga_type=saga_type, limit=limit)
-        matching = client.count(status=status, saga_type=saga_type)
+        sagas = client.list(status=status, saga_type=saga_type, limit=limit, with_incident=with_incident)
+        matching = client.count(status=status, saga_type=saga_type, with_incident=with_incident)
         counts = client.counts()
+        in_incident = client.count(with_incident=True)
     if as_json:
         _emit_json([s.as_json() for s in sagas])
         return
     table = Table()
-    for column in ("id", "type", "status", "current step(s)", "started", "took", "reason"):
+    columns = ["id", "type", "status", "current step(s)", "started", "took", "reason"]
+    show_incidents = any(s.incidents for s in sagas)
+    if show_incidents:
+        columns.append("incident")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for s in sagas:
-        table.add_row(
+        row = [
             escape(s.saga_id),
             escape(s.saga_type),
             _styled(s.status.value, _STATUS_STYLE),
@@ -697,12 +752,22 @@ def list_command(
             _date(s.started_ms),
             _duration(s.updated_ms - s.started_ms) if s.status.terminal else "",
             escape(_short(s.reason, 50)),
-        )
+        ]
+        if show_incidents:
+            row.append(
+                "; ".join(f"[bold red]{escape(i.step)}[/]: {escape(_short(i.reason, 50))}" for i in s.incidents)
+            )
+        table.add_row(*row)
     console = _console()
     if sagas:
         console.print(table)
     summary = ", ".join(f"{n} {st.value.lower()}" for st, n in counts.items() if n) or "no sagas"
     console.print(f"{len(sagas)} of {matching} matching shown; in the log: {summary}")
+    if in_incident and not with_incident:
+        console.print(
+            f"[bold red]{in_incident} saga{'s' if in_incident != 1 else ''} with an open incident[/] "
+            f"(waiting for an operator): saga list --incidents"
+        )
 
 
 # --- cancel -----------------------------------------------------------------------------------
@@ -724,3 +789,83 @@ def cancel_command(
     with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
         client.cancel(saga_id, reason=reason)
     click.echo(f"cancel requested for saga {saga_id}; follow it with: saga status {saga_id}")
+
+
+# --- incidents: retry, resolve ----------------------------------------------------------------
+
+_operator_option = click.option(
+    "--operator",
+    default=None,
+    metavar="NAME",
+    help="Who acts, recorded on the log (default: your OS user name).",
+)
+
+
+@cli.command("retry", cls=QueryCommand)
+@click.argument("saga_id", metavar="ID")
+@click.option("--step", default=None, metavar="STEP", help="The step in incident (needed only if the saga has several).")
+@_operator_option
+@click.option("--reason", default="retried by operator", show_default=True, help="Why, recorded on the log.")
+@_common_options
+def retry_command(
+    saga_id: str,
+    step: str | None,
+    operator: str | None,
+    reason: str,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    state_dir: Path | None,
+    client_settings: tuple[str, ...],
+) -> None:
+    """Try a compensation in incident again now: the incident closes, a new retry budget starts.
+
+    Refused for a saga without an open incident (for that step) and for a finished one.
+    Example: saga retry order-42 --reason "the ledger is back"
+    """
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
+        sent = client.retry(saga_id, step=step, operator=operator, reason=reason)
+    click.echo(
+        f"retry of step {sent.step} requested for saga {saga_id} (by {sent.operator}); "
+        f"follow it with: saga status {saga_id}"
+    )
+
+
+@cli.command("resolve", cls=QueryCommand)
+@click.argument("saga_id", metavar="ID")
+@click.option("--step", required=True, metavar="STEP", help="The step whose compensation is in incident.")
+@click.option(
+    "--as-compensated",
+    "as_compensated",
+    is_flag=True,
+    help="Say that the step's effect was undone by hand: it becomes COMPENSATED (required: the only resolution).",
+)
+@click.option("--reason", required=True, help="How it was undone (a ticket, a refund id...), recorded on the log.")
+@_operator_option
+@_common_options
+def resolve_command(
+    saga_id: str,
+    step: str,
+    as_compensated: bool,
+    reason: str,
+    operator: str | None,
+    bootstrap_servers: str,
+    topic_prefix: str,
+    state_dir: Path | None,
+    client_settings: tuple[str, ...],
+) -> None:
+    """Close an incident by hand: the step's effect was undone outside the saga, so the step becomes
+    COMPENSATED and the saga goes on (typically to ABORTED once nothing else is left).
+
+    Refused unless the step's compensation is in incident, and for a finished saga.
+    Example: saga resolve order-42 --step charge --as-compensated --reason "refunded by hand, ticket 981"
+    """
+    if not as_compensated:
+        raise click.UsageError(
+            "say how the incident was resolved: --as-compensated (the step's effect was undone by hand)"
+        )
+    with _client(bootstrap_servers, topic_prefix, state_dir, client_settings) as client:
+        sent = client.resolve(saga_id, step, operator=operator, reason=reason)
+    click.echo(
+        f"step {step} of saga {saga_id} resolved as compensated (by {sent.operator}); "
+        f"follow it with: saga status {saga_id}"
+    )
