@@ -38,8 +38,9 @@ What the SDK guarantees, and how (see ``docs/CONTRACT.md`` for the wire side):
 * **Bad input never stops it.** Undecodable messages go to the dead-letter topic with the
   reason. A command it can answer but not act on (no handler for its step or action, a payload
   or outputs that are not JSON) is dead-lettered *and* answered BUSINESS_FAILURE, so the
-  manager fails the step at once (an execute) or retries it (a compensation) instead of
-  waiting for its timeout; an execute's refusal is recorded like any business failure.
+  manager fails the step at once (an execute) or opens an incident for an operator (a
+  compensation) instead of waiting for its timeout. An execute's refusal is recorded like any
+  business failure; a compensation's is not, so a later attempt (``saga retry``) runs it.
 
 Rules are a pure function (:func:`decide`), testable without Kafka or a database.
 """
@@ -867,7 +868,7 @@ class Participant:
 
     def _unable_reply(self, command: ParticipantCommand, unable: _Reject) -> ParticipantReply:
         """The answer to a command this participant cannot act on: a refusal the manager turns
-        into a failure now (an execute fails its step; a compensation is retried)."""
+        into a failure now (an execute fails its step; a compensation becomes an incident)."""
         _log.warning("%s: cannot act on %s, answering BUSINESS_FAILURE: %s", self.name, command.command_id,
                      unable.reason)
         error = f"{unable.error_type}: {unable.reason} (dead-lettered by {self._component})"

@@ -113,3 +113,102 @@ def test_a_participant_built_from_the_contract_alone_completes_and_compensates_s
     assert states["ok-0"].step("two").output == '{"by": "contract"}'
     assert states["doomed-1"].status == "ABORTED"
     assert ("one", "COMPENSATE") in participant.handled and ("bad", "COMPENSATE") not in participant.handled
+
+
+
+def test_a_command_the_participant_cannot_act_on_fails_the_step_now_or_opens_an_incident(
+    bootstrap: str, make_topics, tmp_path: Path
+) -> None:
+    """CONTRACT.md section 8 with a real manager: the SDK participant has no handler for one step
+    and no compensate handler for another. The first saga aborts at once (its step's timeout is a
+    minute: the answer, not the deadline, ends it). The second's compensation becomes an
+    incident; since the refusal was not recorded, the next version of the participant, which has
+    the handler, runs the compensation when an operator retries it, and the saga ends ABORTED."""
+    from harness import wait_for
+
+    from participants import BusinessFailure, Participant, SqliteStore, StepContext
+    from sagalog.client import SagaClient
+    from sagalog.reader import saga_states
+
+    topics = make_topics(partitions=2, participants=["gamma"])
+    defs = tmp_path / "defs.yaml"
+    defs.write_text(
+        "sagas:\n"
+        "  - name: unhandled\n"
+        "    steps: [{name: known, participant: gamma, timeout_s: 60},\n"
+        "            {name: unknown, participant: gamma, timeout_s: 60, retry: {attempts: 5}}]\n"
+        "  - name: undoless\n"
+        "    steps: [{name: no-undo, participant: gamma, timeout_s: 60}, {name: declined, participant: gamma}]\n"
+    )
+    undone: list[str] = []
+
+    def gamma(version: int) -> Participant:
+        participant = Participant("gamma", topics=topics, bootstrap=bootstrap,
+                                  store=SqliteStore(tmp_path / "gamma.db"), poll_timeout_s=0.1)
+
+        @participant.execute("known")
+        @participant.compensate("known")
+        @participant.execute("no-undo")
+        def done(ctx: StepContext, tx: object) -> dict:
+            return {"done": ctx.step}
+
+        @participant.execute("declined")
+        def declined(ctx: StepContext, tx: object) -> None:
+            raise BusinessFailure("declined")
+
+        if version == 2:  # the next version can undo it
+            @participant.compensate("no-undo")
+            def undo(ctx: StepContext, tx: object) -> None:
+                undone.append(ctx.saga_id)
+
+        return participant
+
+    running: list[tuple[Participant, threading.Thread]] = []
+
+    def run(participant: Participant) -> Participant:
+        thread = threading.Thread(target=participant.run, daemon=True)
+        thread.start()
+        running.append((participant, thread))
+        return participant
+
+    def stop(participant: Participant) -> None:
+        for p, thread in running:
+            if p is participant:
+                p.stop()
+                thread.join(30)
+                assert not thread.is_alive()
+
+    first = run(gamma(1))
+    manager = ManagerProcess(bootstrap, topics, defs, tmp_path, "m", partitions=2).start()
+    try:
+        started = time.monotonic()
+        start_sagas(bootstrap, topics, "unhandled", ["unhandled-1"])
+        start_sagas(bootstrap, topics, "undoless", ["undoless-1"])
+        unhandled = wait_terminal(bootstrap, topics, ["unhandled-1"], 50)["unhandled-1"]
+        assert time.monotonic() - started < 50  # < the step's 60 s timeout: the reply ended it
+        assert unhandled.status == "ABORTED"
+        assert unhandled.reason is not None and "UnknownStep" in unhandled.reason
+        assert unhandled.step("unknown").status == "FAILED" and unhandled.step("unknown").attempt == 1
+        assert unhandled.step("known").status == "COMPENSATED"
+
+        def incident() -> object:
+            state = saga_states(bootstrap, topics).get("undoless-1")
+            return state if state is not None and state.incident("no-undo") is not None else None
+
+        stuck = wait_for(incident, 60, "the compensation to become an incident", interval=0.5)
+        assert stuck.status == "COMPENSATING"  # type: ignore[attr-defined]
+        assert "no compensate handler" in stuck.incident("no-undo").reason  # type: ignore[attr-defined]
+        assert stuck.step("no-undo").comp_attempt == 1  # type: ignore[attr-defined]
+        assert first.stats.dead_letters == 2  # the unknown step, the compensation's one attempt
+
+        stop(first)
+        run(gamma(2))  # the next version, the same journal
+        with SagaClient(bootstrap, topic_prefix=topics.prefix, state_dir=tmp_path / "model") as client:
+            client.retry("undoless-1", reason="the compensate handler is deployed")
+        undoless = wait_terminal(bootstrap, topics, ["undoless-1"], 60)["undoless-1"]
+        assert undoless.status == "ABORTED" and undoless.step("no-undo").status == "COMPENSATED"
+        assert undone == ["undoless-1"]
+    finally:
+        for participant, _ in running:
+            stop(participant)
+        assert manager.stop() == 0

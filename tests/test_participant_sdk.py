@@ -384,8 +384,106 @@ def test_bad_messages_go_to_dead_letters_and_the_participant_keeps_serving(harne
     undeliverable = letters[f"UndeliverableReply:{nowhere.saga_id}"]
     assert (undeliverable.source_topic, undeliverable.source_partition) == (harness.reply_topic, 99)
     assert isinstance(codec.decode(undeliverable.value), ParticipantReply)  # the reply itself is kept
-    assert harness.replies[unknown_step.saga_id] == []
-    assert [r.outcome for r in harness.wait_replies(no_compensate.saga_id, 1)] == [ReplyOutcome.SUCCESS]
+    assert undeliverable.source_offset == -1 and undeliverable.key == nowhere.saga_id.encode()
+    # A command it can answer but not act on is answered too (CONTRACT.md section 8): BUSINESS_FAILURE.
+    [unknown] = harness.wait_replies(unknown_step.saga_id, 1)
+    assert unknown.outcome is ReplyOutcome.BUSINESS_FAILURE and unknown.error.startswith("UnknownStep: ")
+    [invalid] = harness.wait_replies(bad_json.saga_id, 1)
+    assert invalid.outcome is ReplyOutcome.BUSINESS_FAILURE and invalid.error.startswith("InvalidCommand: ")
+    assert [(r.action, r.outcome) for r in harness.wait_replies(no_compensate.saga_id, 2)] == [
+        (Action.EXECUTE, ReplyOutcome.SUCCESS), (Action.COMPENSATE, ReplyOutcome.BUSINESS_FAILURE)]
+    assert harness.replies[nowhere.saga_id] == []  # its reply is the dead letter
+
+
+def dead_letters_for(harness: Harness, saga: str) -> list[DeadLetter]:
+    return [d for d in harness.dead_letters if d.key == saga.encode()]
+
+
+def test_a_command_it_cannot_act_on_is_dead_lettered_and_answered(harness: Harness) -> None:
+    """CONTRACT.md section 8: a command it can answer but not run gets a dead letter *and* a
+    BUSINESS_FAILURE reply. An execute's refusal is final (recorded: a re-send gets the same reply
+    and is not dead-lettered again); a compensation's is not (every attempt is refused anew)."""
+    unknown = new_saga()
+    original = command(unknown, step="no-such-step", reply_topic=harness.reply_topic)
+    harness.send(original)
+    harness.send(command(unknown, step="no-such-step", attempt=2, reply_topic=harness.reply_topic))
+    first, second = harness.wait_replies(unknown, 2)
+    assert first.outcome is second.outcome is ReplyOutcome.BUSINESS_FAILURE
+    assert first.error == second.error and "no-such-step" in (first.error or "")
+    assert (first.attempt, second.attempt) == (1, 2)
+    harness.wait_until(lambda: len(dead_letters_for(harness, unknown)) >= 1, "the dead letter")
+    harness._drain(0.5)
+    [letter] = dead_letters_for(harness, unknown)
+    assert letter.error_type == "UnknownStep" and letter.source_topic == harness.topics.commands(NAME)
+    assert letter.value == codec.encode(original)  # the original command, whole
+
+    undo_missing = new_saga()
+    harness.send(command(undo_missing, step="execute-only", reply_topic=harness.reply_topic))
+    for attempt in (1, 2):
+        harness.send(command(undo_missing, Action.COMPENSATE, step="execute-only", attempt=attempt,
+                             reply_topic=harness.reply_topic))
+    replies = harness.wait_replies(undo_missing, 3)
+    assert [(r.action, r.outcome, r.attempt) for r in replies] == [
+        (Action.EXECUTE, ReplyOutcome.SUCCESS, 1),
+        (Action.COMPENSATE, ReplyOutcome.BUSINESS_FAILURE, 1),
+        (Action.COMPENSATE, ReplyOutcome.BUSINESS_FAILURE, 2),
+    ]
+    harness.wait_until(lambda: len(dead_letters_for(harness, undo_missing)) >= 2, "a dead letter per attempt")
+    assert calls[(undo_missing, Action.COMPENSATE)] == 0
+
+
+def test_every_command_that_is_not_stale_raises_the_epoch_whatever_it_ends_in(harness: Harness) -> None:
+    """CONTRACT.md section 6: a retryable error, a dead-lettered command and a refused late
+    execute all raise the saga's highest epoch; a lower epoch is refused afterwards."""
+    retried, unable, late = new_saga(), new_saga(), new_saga()
+    harness.send(command(retried, payload={"fail": "transient"}, epoch=5, reply_topic=harness.reply_topic))
+    harness.send(command(retried, Action.COMPENSATE, epoch=4, reply_topic=harness.reply_topic))
+    assert [r.outcome for r in harness.wait_replies(retried, 2)] == [ReplyOutcome.RETRYABLE_ERROR,
+                                                                      ReplyOutcome.REFUSED]
+    assert "stale epoch 4" in (harness.replies[retried][1][1].error or "")
+
+    harness.send(command(unable, step="no-such-step", epoch=7, reply_topic=harness.reply_topic))
+    harness.send(command(unable, step="no-such-step", action=Action.COMPENSATE, epoch=6,
+                         reply_topic=harness.reply_topic))
+    assert [r.outcome for r in harness.wait_replies(unable, 2)] == [ReplyOutcome.BUSINESS_FAILURE,
+                                                                     ReplyOutcome.REFUSED]
+
+    harness.send(command(late, Action.COMPENSATE, epoch=2, reply_topic=harness.reply_topic))  # nothing to undo
+    harness.send(command(late, epoch=3, reply_topic=harness.reply_topic))  # refused: compensated already
+    harness.send(command(late, Action.COMPENSATE, epoch=2, reply_topic=harness.reply_topic))
+    outcomes = [(r.outcome, r.error or "") for r in harness.wait_replies(late, 3)]
+    assert outcomes[0][0] is ReplyOutcome.SUCCESS
+    assert outcomes[1][0] is ReplyOutcome.REFUSED and "compensated" in outcomes[1][1]
+    assert outcomes[2][0] is ReplyOutcome.REFUSED and "stale epoch 2" in outcomes[2][1]
+
+
+def test_a_compensations_success_carries_a_json_output(harness: Harness) -> None:
+    """CONTRACT.md section 4: the undo's result, or {} when there was nothing to undo."""
+    undone, never_ran, failed = new_saga(), new_saga(), new_saga()
+    harness.send(command(undone, reply_topic=harness.reply_topic))
+    harness.send(command(undone, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    harness.send(command(never_ran, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    harness.send(command(failed, payload={"fail": "business"}, reply_topic=harness.reply_topic))
+    harness.send(command(failed, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(undone, 2)[1].output == '{"released":true}'
+    [nothing] = harness.wait_replies(never_ran, 1)
+    assert (nothing.outcome, nothing.output) == (ReplyOutcome.SUCCESS, "{}")
+    assert harness.wait_replies(failed, 2)[1].output == "{}"
+    # Replayed from the journal with the same output.
+    harness.send(command(never_ran, Action.COMPENSATE, attempt=2, reply_topic=harness.reply_topic))
+    assert harness.wait_replies(never_ran, 2)[1].output == "{}"
+
+
+def test_an_execute_after_its_compensation_is_refused_even_when_its_success_is_recorded(harness: Harness) -> None:
+    """CONTRACT.md section 6: both rows match; 'compensate recorded' comes first and wins."""
+    saga = new_saga()
+    harness.send(command(saga, reply_topic=harness.reply_topic))
+    harness.send(command(saga, Action.COMPENSATE, reply_topic=harness.reply_topic))
+    harness.send(command(saga, attempt=2, reply_topic=harness.reply_topic))
+    executed, compensated, late = harness.wait_replies(saga, 3)
+    assert (executed.outcome, compensated.outcome) == (ReplyOutcome.SUCCESS, ReplyOutcome.SUCCESS)
+    assert late.outcome is ReplyOutcome.REFUSED and late.output is None
+    assert calls[(saga, Action.EXECUTE)] == 1 and calls[(saga, Action.COMPENSATE)] == 1
 
 
 def test_offsets_and_outbox_are_kept_in_sqlite(harness: Harness) -> None:
