@@ -101,7 +101,7 @@ class Outbox:
 
     log: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # (key, value|None=tombstone)
     commands: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
-    dead: list[bytes] = field(default_factory=list)
+    dead: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (original key, DeadLetter)
     next_inbox_offset: int | None = None
 
     def __bool__(self) -> bool:
@@ -597,9 +597,9 @@ class Manager:
             dead_lettered_ms=now,
         )
         try:
-            owned.outbox.dead.append(self.codec.encode(letter))
+            owned.outbox.dead.append((msg.key(), self.codec.encode(letter)))
         except DecodeError:  # the original is too large to keep whole: keep the reason and position
-            owned.outbox.dead.append(self.codec.encode(letter.model_copy(update={"value": None})))
+            owned.outbox.dead.append((msg.key(), self.codec.encode(letter.model_copy(update={"value": None}))))
 
     # --- the one write path -----------------------------------------------------------------
 
@@ -636,8 +636,8 @@ class Manager:
                 producer.produce(self.topics.log, value=value, key=key, partition=p)
             for topic, key, value in out.commands:
                 producer.produce(topic, value=value, key=key)
-            for value in out.dead:
-                producer.produce(self.topics.dead_letters, value=value)
+            for key, value in out.dead:  # keyed like the original (the contract): its partition by key
+                producer.produce(self.topics.dead_letters, value=value, key=key)
             if out.next_inbox_offset is not None:
                 producer.send_offsets_to_transaction(
                     [TopicPartition(self.topics.inbox, p, out.next_inbox_offset)], group_metadata, 10

@@ -210,10 +210,13 @@ def test_bad_inbox_messages_are_dead_lettered_and_the_manager_keeps_going(env) -
     consumer.subscribe([topics.dead_letters])
     letters: list[DeadLetter] = []
 
+    kafka_keys: list[bytes | None] = []
+
     def collect() -> bool:
         for msg in consumer.consume(100, 0.5):
             if not msg.error():
                 letters.append(CODEC.decode(msg.value()))
+                kafka_keys.append(msg.key())
         return len(letters) >= 4
 
     wait_for(collect, 30, "4 dead letters", interval=0)
@@ -224,6 +227,7 @@ def test_bad_inbox_messages_are_dead_lettered_and_the_manager_keeps_going(env) -
     assert "unknown saga type 'no-such-type'" in reasons[b"x-1"]
     assert "not JSON" in reasons[b"x-2"]
     assert all(dl.value is not None and dl.source_topic == topics.inbox for dl in letters)
+    assert kafka_keys == [dl.key for dl in letters]  # dead letters are keyed like the original (the contract)
 
 
 def test_finished_sagas_are_tombstoned_after_retention(bootstrap: str, make_topics, tmp_path: Path) -> None:
