@@ -636,8 +636,8 @@ class Manager:
                 producer.produce(self.topics.log, value=value, key=key, partition=p)
             for topic, key, value in out.commands:
                 producer.produce(topic, value=value, key=key)
-            for key, value in out.dead:  # keyed like the original (the contract): its partition by key
-                producer.produce(self.topics.dead_letters, value=value, key=key)
+            for original_key, letter in out.dead:  # keyed like the original (the contract): its partition by key
+                producer.produce(self.topics.dead_letters, value=letter, key=original_key)
             if out.next_inbox_offset is not None:
                 producer.send_offsets_to_transaction(
                     [TopicPartition(self.topics.inbox, p, out.next_inbox_offset)], group_metadata, 10
