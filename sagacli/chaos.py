@@ -202,6 +202,8 @@ class Chaos:
         self.poison: list[tuple[str, int, int]] = []  # (topic, partition, offset) of every poison message
         self.meddled = Counter[str]()
         self.unexpected_exits: list[str] = []
+        #: While the broker is down (a broker fault) and shortly after, queries may fail: not counted.
+        self._broker_down_until = 0.0
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -293,11 +295,16 @@ class Chaos:
 
         while not self._stop.wait(3.0):
             began = time.monotonic()
+            error: str | None = None
             try:
                 with ReadModel(self.bootstrap, self.topics, state_dir=self.work_dir / "probe") as model:
                     model.catch_up()
             except SagaError as err:
-                self.query_errors.append(f"{self.elapsed():.1f}s: {err}")
+                error = f"{self.elapsed():.1f}s: {err}"
+            if began < self._broker_down_until:
+                continue  # no broker, no answer: that is not the coordinator's doing
+            if error is not None:
+                self.query_errors.append(error)
             self.query_seconds.append(time.monotonic() - began)
 
     def _inject(self) -> None:
@@ -342,9 +349,9 @@ class Chaos:
         """A process that died without being killed by us (a poison message must never do that)."""
         for child in [*self.managers.values(), *([self.participants] if self.participants else [])]:
             if child.proc is not None and not child.alive and not child.killed:
-                line = f"{child.name} exited with code {child.proc.returncode} at {self.elapsed():.1f}s"
-                if line not in self.unexpected_exits:
-                    self.unexpected_exits.append(line)
+                line = f"{child.name} (pid {child.proc.pid}) exited with code {child.proc.returncode}"
+                if not any(seen.startswith(line) for seen in self.unexpected_exits):
+                    self.unexpected_exits.append(f"{line}, seen at {self.elapsed():.1f}s (log: {child.log_path.name})")
 
     def _inject_poison(self) -> None:
         """Garbage, an unknown schema fingerprint and a record of the wrong type, on the inbox and on
@@ -381,6 +388,7 @@ class Chaos:
             return None
 
     def _kill_broker(self) -> None:
+        self._broker_down_until = float("inf")
         pid = self._kafka_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -391,6 +399,7 @@ class Chaos:
         port = self.bootstrap.rsplit(":", 1)[-1]
         subprocess.run([str(self.settings.kafka_sh), "start", port], check=False, timeout=180,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._broker_down_until = time.monotonic() + 15.0  # clients reconnect and groups settle
 
     def _meddle(self) -> None:
         """Send a copy of a share of the replies (inbox) and commands again, 0.2-3 s later: the

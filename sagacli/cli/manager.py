@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from sagacli.cli import cli
 from sagacli.cli.common import bootstrap_option, prefix_option
+
+T = TypeVar("T")
 
 
 def default_definitions() -> list[Path]:
@@ -73,7 +78,10 @@ def manager_command(
     topics = Topics(prefix=topic_prefix)
     check_reachable(bootstrap_servers, 10.0, overrides)
     check_session_timeout(bootstrap_servers, session_timeout_ms, overrides)
-    report = ensure_topics(bootstrap_servers, topics, partitions=partitions, participants=defs.participants(), overrides=overrides)
+    report = _with_retries(
+        lambda: ensure_topics(bootstrap_servers, topics, partitions=partitions, participants=defs.participants(), overrides=overrides),
+        "creating or checking the topics",
+    )
     settings = ManagerSettings(
         bootstrap=bootstrap_servers,
         definitions=defs,
@@ -106,3 +114,22 @@ def _without_option(args: list[str], name: str) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def _with_retries(call: Callable[[], T], doing: str, within_s: float = 60.0) -> T:
+    """Retry a startup step on a transient broker error (a broker restarting or slow to answer, a
+    topic being created by another replica at the same moment) until ``within_s`` has passed;
+    a refusal the user must fix, or an outage that lasts, still ends the process with one line."""
+    from sagalog.errors import BrokerError
+
+    deadline = time.monotonic() + within_s
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except BrokerError as err:
+            if not err.retryable or time.monotonic() + delay > deadline:
+                raise
+            logging.getLogger("saga.manager").warning("%s: %s; retrying in %.1f s", doing, err, delay)
+            time.sleep(delay)  # a backoff between attempts, not a wait for an event
+            delay = min(5.0, delay * 2)
