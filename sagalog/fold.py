@@ -35,6 +35,7 @@ from sagalog.errors import (
     WrongSaga,
 )
 from sagalog.records import (
+    CLAIM_KEY_PREFIX,
     CompensationBegun,
     CompensationEnded,
     Event,
@@ -388,7 +389,7 @@ def fold_newest(
     claims: list[tuple[int, int]] = []  # (offset, epoch), in log order
     by_key: dict[bytes | None, list[int]] = {}
     for index, (key, value, offset) in enumerate(messages):
-        if key is not None and key.startswith(b"__claim__/") and value is not None:
+        if key is not None and key.startswith(CLAIM_KEY_PREFIX) and value is not None:
             try:
                 claim = decode(value)
             except DecodeError as err:

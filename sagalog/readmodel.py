@@ -76,7 +76,7 @@ from sagalog.definition import SagaDefinition
 from sagalog.errors import BrokerUnavailable, ConfigError, DecodeError
 from sagalog.fold import PartitionFold, SagaState
 from sagalog.kafka import ClientOverrides, admin_client, reader_config, translate
-from sagalog.records import Incident, PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
+from sagalog.records import CLAIM_KEY_PREFIX, Incident, PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
 
 #: The layout of the file; a file of another version is rebuilt from the log. 2: sagas.incidents.
 SCHEMA_VERSION = "2"
@@ -85,7 +85,6 @@ REMOVED_KEPT_MS = 7 * 24 * 3600 * 1000
 STATE_DIR_ENV = "SAGA_STATE_DIR"
 #: Steps in these states are what a saga is "at" right now.
 ACTIVE_STEP = frozenset({StepStatus.RUNNING, StepStatus.COMPENSATING})
-_CLAIM_PREFIX = b"__claim__/"
 
 
 # --- Kafka's partitioner --------------------------------------------------------------------
@@ -672,7 +671,7 @@ class ReadModel:
             offset, ts = _position(msg)[1], msg.timestamp()[1]
             records += 1
             if item is None:  # a tombstone: the saga is gone from the log, so it goes from here too
-                if key is not None and not key.startswith(_CLAIM_PREFIX):
+                if key is not None and not key.startswith(CLAIM_KEY_PREFIX):
                     saga_id = key.decode("utf-8", "replace")
                     fold.apply(key, None, offset)
                     touched.discard(saga_id)
@@ -685,7 +684,7 @@ class ReadModel:
                 continue
             if isinstance(item, DecodeError) or not isinstance(item, SagaLogRecord | PartitionClaim):
                 decode_errors += 1
-                if key is not None and not key.startswith(_CLAIM_PREFIX):
+                if key is not None and not key.startswith(CLAIM_KEY_PREFIX):
                     reason = str(item) if isinstance(item, DecodeError) else f"{type(item).__name__} on the log"
                     db.execute(
                         "INSERT OR REPLACE INTO history (partition, offset, saga_id, timestamp_ms, event_type, "

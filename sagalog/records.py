@@ -273,6 +273,10 @@ class SagaLogRecord(Frozen):
     writer: str | None = None
 
 
+#: Log keys of partition claims start with this; a saga id never does (claims share the partitions).
+CLAIM_KEY_PREFIX = b"__claim__/"
+
+
 class PartitionClaim(Frozen):
     """A manager took over a log partition with this epoch; older epochs are zombies from then on."""
 
@@ -284,7 +288,7 @@ class PartitionClaim(Frozen):
 
     @staticmethod
     def key(partition: int) -> bytes:
-        return f"__claim__/{partition}".encode()
+        return CLAIM_KEY_PREFIX + str(partition).encode()
 
 
 class StartSaga(Frozen):

@@ -23,9 +23,9 @@ from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.errors import DecodeError
 from sagalog.kafka import producer_config, reader_config
-from sagalog.records import PartitionClaim, SagaLogRecord
+from sagalog.records import CLAIM_KEY_PREFIX, PartitionClaim, SagaLogRecord
 
-CLAIM_PREFIX = b"__claim__/"
+CLAIM_PREFIX = CLAIM_KEY_PREFIX
 
 
 def now_ms() -> float:
