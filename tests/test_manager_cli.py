@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from harness import wait_for
 
 from sagalog.broker import free_port
@@ -61,3 +62,35 @@ def _replica_pids(log: Path) -> list[int] | None:
 
     pids = [int(m) for m in re.findall(r"replica \d+ started \(pid (\d+)\)", log.read_text())]
     return pids if len(pids) == 2 else None
+
+
+def test_startup_steps_retry_a_transient_broker_error_but_not_a_refusal() -> None:
+    """Three replicas creating the same topics on a busy Kafka: one got 'timed out' and exited
+    (found by saga chaos on Apache Kafka); a transient error is retried, a refusal is not."""
+    from sagacli.cli.manager import _with_retries
+    from sagalog.errors import BrokerError, BrokerRefused, BrokerUnavailable
+
+    calls: list[int] = []
+
+    def flaky() -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise BrokerError("creating topic t: Timed out waiting for response from broker", retryable=True)
+        return 42
+
+    assert _with_retries(flaky, "creating topics", within_s=30) == 42 and len(calls) == 3
+
+    def refused() -> int:
+        calls.append(1)
+        raise BrokerRefused("not authorized for a topic")
+
+    calls.clear()
+    with pytest.raises(BrokerRefused):
+        _with_retries(refused, "creating topics", within_s=30)
+    assert len(calls) == 1
+
+    def down() -> int:
+        raise BrokerUnavailable("no Kafka broker answered")
+
+    with pytest.raises(BrokerUnavailable):
+        _with_retries(down, "creating topics", within_s=1.0)
