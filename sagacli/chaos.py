@@ -126,6 +126,8 @@ class ChaosReport:
     query_seconds_max: float = 0.0
     #: Replies and commands the meddler sent a second time.
     meddled: dict[str, int] = field(default_factory=dict)
+    #: Start requests the broker never acknowledged (e.g. while it was down): not started.
+    refused_starts: int = 0
     invariants: list[Invariant] = field(default_factory=list)
     work_dir: str = ""
 
@@ -145,7 +147,8 @@ class ChaosReport:
             f"{self.started} sagas started; outcomes {dict(sorted(self.outcomes.items()))}; "
             f"{len(self.schedule)} faults; takeovers {len(self.takeovers_ms)} "
             f"(max {max(self.takeovers_ms, default=0)} ms); slowest query {self.query_seconds_max:.2f} s; "
-            f"sent again by the meddler: {self.meddled.get('replies', 0)} replies, {self.meddled.get('commands', 0)} commands",
+            f"sent again by the meddler: {self.meddled.get('replies', 0)} replies, {self.meddled.get('commands', 0)} commands; "
+            f"start requests the broker did not acknowledge: {self.refused_starts}",
             "",
             "| invariant | holds | count | first examples |",
             "|---|---|---|---|",
@@ -195,6 +198,7 @@ class Chaos:
         self.participants: Child | None = None
         self.schedule = draw_schedule(settings)
         self.started: list[PlannedSaga] = []
+        self.plan: list[PlannedSaga] = []
         self.query_seconds: list[float] = []
         self.query_errors: list[str] = []
         self._t0 = 0.0
@@ -202,6 +206,8 @@ class Chaos:
         self.poison: list[tuple[str, int, int]] = []  # (topic, partition, offset) of every poison message
         self.meddled = Counter[str]()
         self.unexpected_exits: list[str] = []
+        #: Start requests the broker did not acknowledge (never started; reported, not checked).
+        self.refused_starts: list[str] = []
         #: While the broker is down (a broker fault) and shortly after, queries may fail: not counted.
         self._broker_down_until = 0.0
 
@@ -214,6 +220,7 @@ class Chaos:
             "manager", "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
             "--group-id", f"{self.topics.prefix}-managers", "--partitions", str(self.settings.partitions),
             "--session-timeout-ms", str(self.settings.session_timeout_ms), "--log-level", "INFO",
+            "--wait-for-broker", "120",  # restarted while the broker restarts too: wait, as under a supervisor
             *[arg for path in default_definitions() for arg in ("--definitions", str(path))],
         ]  # fmt: skip
         return Child(name, args, self.work_dir / f"manager-{name}.log")
@@ -224,7 +231,7 @@ class Chaos:
             "participant", "run", *PARTICIPANTS, "--db-dir", str(self.work_dir / "db"),
             "--failure-rate", str(s.failure_rate), "--glitch-rate", str(s.glitch_rate),
             "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
-            "--session-timeout-ms", str(s.session_timeout_ms),
+            "--session-timeout-ms", str(s.session_timeout_ms), "--wait-for-broker", "120",
         ]  # fmt: skip
         return Child("participants", args, self.work_dir / "participants.log")
 
@@ -264,6 +271,8 @@ class Chaos:
                 self.broker.stop()
 
     def _load(self) -> None:
+        """Start sagas at the rate. A saga counts as started once the broker acknowledged its start
+        request (as `saga start` reports it); one the broker refused was never started."""
         from confluent_kafka import Producer
 
         from sagalog.codec import Codec
@@ -272,19 +281,27 @@ class Chaos:
 
         codec = Codec()
         producer = Producer(producer_config(self.bootstrap))
-        plan = plan_sagas(int(self.settings.duration_s * self.settings.rate) + 1, self.settings.seed)
+        plan = self.plan = plan_sagas(int(self.settings.duration_s * self.settings.rate) + 1, self.settings.seed)
         interval = 1 / self.settings.rate
+
+        def on_delivery(saga: PlannedSaga) -> Callable[[Any, Any], None]:
+            def report(err: Any, _msg: Any) -> None:
+                if err is None:
+                    self.started.append(saga)
+                else:
+                    self.refused_starts.append(f"{saga.saga_id}: {err}")
+            return report
+
         next_at = time.monotonic()
         for saga in plan:
             if self._stop.is_set():
                 break
             start = StartSaga(saga_id=saga.saga_id, saga_type=saga.saga_type, payload=json.dumps(saga.payload), requested_ms=int(time.time() * 1000))
-            producer.produce(self.topics.inbox, codec.encode(start), key=saga.saga_id.encode())
+            producer.produce(self.topics.inbox, codec.encode(start), key=saga.saga_id.encode(), on_delivery=on_delivery(saga))
             producer.poll(0)
-            self.started.append(saga)
             next_at += interval
             time.sleep(max(0.0, next_at - time.monotonic()))
-        producer.flush(30)
+        producer.flush(120)
 
     def _query_probe(self) -> None:
         """A query every few seconds, as a user's repeated `saga list` makes it (a new read model
@@ -575,7 +592,8 @@ class Chaos:
         slow = [f"{q:.1f}s" for q in self.query_seconds if q > s.query_bound_s]
         report.invariants.append(Invariant("queries answered throughout", not self.query_errors, len(self.query_errors), self.query_errors[:3]))
         report.invariants.append(Invariant(f"queries answered within {s.query_bound_s:g}s", not slow, len(slow), slow[:5]))
-        report.invariants.extend(self._check_participants({p.saga_id: p for p in self.started}, states))
+        # The books hold every saga on the log (a start whose acknowledgement was lost may still have begun).
+        report.invariants.extend(self._check_participants({p.saga_id: p for p in self.plan if p.saga_id in ids or p.saga_id in states}, states))
         _, events, dependencies = self._read_log()
         disorder = self._compensation_order(events, dependencies)
         report.invariants.append(Invariant("compensations ran in reverse dependency order", not disorder, len(disorder), disorder[:10]))
@@ -589,6 +607,7 @@ class Chaos:
         stopped = self.unexpected_exits + [f"{name} not running at the end" for name in alive]
         report.invariants.append(Invariant("no fault or poison message stopped a process", not stopped, len(stopped), stopped[:10]))
         report.meddled = dict(self.meddled)
+        report.refused_starts = len(self.refused_starts)
         return report
 
     def _check_participants(self, planned: dict[str, PlannedSaga], states: dict[str, str]) -> list[Invariant]:

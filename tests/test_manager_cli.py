@@ -67,7 +67,7 @@ def _replica_pids(log: Path) -> list[int] | None:
 def test_startup_steps_retry_a_transient_broker_error_but_not_a_refusal() -> None:
     """Three replicas creating the same topics on a busy Kafka: one got 'timed out' and exited
     (found by saga chaos on Apache Kafka); a transient error is retried, a refusal is not."""
-    from sagacli.cli.manager import _with_retries
+    from sagacli.cli.common import with_retries as _with_retries
     from sagalog.errors import BrokerError, BrokerRefused, BrokerUnavailable
 
     calls: list[int] = []

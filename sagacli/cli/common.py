@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from sagalog.config import default_bootstrap
 from sagalog.errors import SagaError
+
+T = TypeVar("T")
 
 
 class OneLineUsageError(click.UsageError):
@@ -79,4 +84,38 @@ bootstrap_option = click.option(
 )
 prefix_option = click.option(
     "--topic-prefix", default="saga", show_default=True, help="Prefix of every topic name."
+)
+
+
+def with_retries(call: Callable[[], T], doing: str, within_s: float = 60.0) -> T:
+    """Retry a startup step of a long-running process (manager, participant) on a transient
+    broker error (a broker restarting or slow to answer, a topic being created by another replica
+    at the same moment) until ``within_s`` has passed: a process restarted while its broker is
+    briefly down must not die of it. A refusal the user must fix, or an outage that lasts, still
+    ends the process with one line."""
+    from sagalog.errors import BrokerError
+
+    deadline = time.monotonic() + within_s
+    delay = 0.5
+    if within_s <= 0:
+        return call()
+    while True:
+        try:
+            return call()
+        except BrokerError as err:
+            if not err.retryable or time.monotonic() + delay > deadline:
+                raise
+            logging.getLogger("saga.cli").warning("%s: %s; retrying in %.1f s", doing, err, delay)
+            time.sleep(delay)  # a backoff between attempts, not a wait for an event
+            delay = min(5.0, delay * 2)
+
+
+wait_for_broker_option = click.option(
+    "--wait-for-broker",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="At startup, keep trying this long to reach the broker (0: fail at once, exit 3). Under a "
+    "supervisor that restarts the process while its broker restarts too, give it time instead.",
 )

@@ -5,17 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import click
 
 from sagacli.cli import cli
-from sagacli.cli.common import bootstrap_option, prefix_option
-
-T = TypeVar("T")
+from sagacli.cli.common import bootstrap_option, prefix_option, wait_for_broker_option, with_retries
 
 
 def default_definitions() -> list[Path]:
@@ -38,6 +33,7 @@ def default_definitions() -> list[Path]:
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Run and supervise N replica processes.")
 @click.option("--restart/--no-restart", default=False, help="With --replicas: restart a replica that dies.")
 @click.option("--partitions", type=click.IntRange(min=1), default=6, show_default=True, help="Partitions for topics created at startup.")
+@wait_for_broker_option
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (with --replicas N, replica i uses PORT+i).")
 @click.option("--session-timeout-ms", type=click.IntRange(min=1000), default=6000, show_default=True, help="After this long without heartbeats a replica's partitions move to the others.")
 @click.option("--finished-retention-s", type=click.FloatRange(min=0), default=600.0, show_default=True, help="Tombstone finished sagas this long after they end (repeated starts are ignored until then).")
@@ -53,6 +49,7 @@ def manager_command(
     partitions: int,
     session_timeout_ms: int,
     metrics_port: int | None,
+    wait_for_broker: float,
     finished_retention_s: float,
     client_settings: tuple[str, ...],
     log_level: str,
@@ -76,9 +73,9 @@ def manager_command(
     overrides = parse_overrides(client_settings)
     defs = DefinitionSet.load(list(definitions) or default_definitions())
     topics = Topics(prefix=topic_prefix)
-    check_reachable(bootstrap_servers, 10.0, overrides)
     check_session_timeout(bootstrap_servers, session_timeout_ms, overrides)
-    report = _with_retries(
+    with_retries(lambda: check_reachable(bootstrap_servers, 10.0, overrides), "reaching the broker", within_s=wait_for_broker)
+    report = with_retries(
         lambda: ensure_topics(bootstrap_servers, topics, partitions=partitions, participants=defs.participants(), overrides=overrides),
         "creating or checking the topics",
     )
@@ -115,21 +112,3 @@ def _without_option(args: list[str], name: str) -> list[str]:
         out.append(arg)
     return out
 
-
-def _with_retries(call: Callable[[], T], doing: str, within_s: float = 60.0) -> T:
-    """Retry a startup step on a transient broker error (a broker restarting or slow to answer, a
-    topic being created by another replica at the same moment) until ``within_s`` has passed;
-    a refusal the user must fix, or an outage that lasts, still ends the process with one line."""
-    from sagalog.errors import BrokerError
-
-    deadline = time.monotonic() + within_s
-    delay = 0.5
-    while True:
-        try:
-            return call()
-        except BrokerError as err:
-            if not err.retryable or time.monotonic() + delay > deadline:
-                raise
-            logging.getLogger("saga.manager").warning("%s: %s; retrying in %.1f s", doing, err, delay)
-            time.sleep(delay)  # a backoff between attempts, not a wait for an event
-            delay = min(5.0, delay * 2)

@@ -17,7 +17,7 @@ from types import FrameType
 import click
 
 from sagacli.cli import cli
-from sagacli.cli.common import bootstrap_option, prefix_option
+from sagacli.cli.common import bootstrap_option, prefix_option, wait_for_broker_option, with_retries
 
 _log = logging.getLogger("sagacli.cli.participant")
 
@@ -80,6 +80,7 @@ def list_command() -> None:
 )
 @bootstrap_option
 @prefix_option
+@wait_for_broker_option
 @click.option(
     "-X",
     "client_settings",
@@ -105,6 +106,7 @@ def run_command(
     topic_prefix: str,
     client_settings: tuple[str, ...],
     log_level: str,
+    wait_for_broker: float,
 ) -> None:
     """Run the example participants NAME... until SIGTERM/SIGINT (see 'saga participant list').
 
@@ -131,7 +133,7 @@ def run_command(
     )
     overrides = parse_overrides(client_settings)
     topics = topics_for(topic_prefix)
-    check_reachable(bootstrap_servers, overrides=overrides)
+    with_retries(lambda: check_reachable(bootstrap_servers, overrides=overrides), "reaching the broker", within_s=wait_for_broker)
     check_session_timeout(bootstrap_servers, session_timeout_ms, overrides)
     missing = sorted(set(map(topics.commands, names)) - existing_topics(bootstrap_servers, overrides))
     if missing:
