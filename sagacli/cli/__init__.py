@@ -21,7 +21,7 @@ def _register() -> None:
     # Each module adds its commands to ``cli``; kept in one list so the CLI reference is easy to find.
     from sagacli.cli import broker, topics  # noqa: F401
 
-    for optional in ("manager", "participant", "query", "demo", "bench", "chaos"):
+    for optional in ("manager", "participant", "query", "demo", "bench", "chaos", "console"):
         try:
             __import__(f"sagacli.cli.{optional}")
         except ModuleNotFoundError as err:  # a command family not written yet
