@@ -33,6 +33,8 @@ def test_the_wheel_carries_the_schemas_and_only_our_packages(wheel: Path) -> Non
     schemas = {Path(n).name for n in names if n.endswith(".avsc")}
     assert schemas == {p.name for p in (PROJECT_ROOT / "schemas").rglob("*.avsc")}
     assert any(n.startswith("participants/examples/definitions/") and n.endswith(".yaml") for n in names)
+    assert any(n.startswith("sagacli/console/templates/") and n.endswith(".html") for n in names)
+    assert "sagacli/console/static/htmx.min.js" in names  # vendored: the console needs no CDN
 
 
 @pytest.mark.slow
