@@ -42,6 +42,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -411,6 +412,7 @@ class Demo:
         self.work_dir = settings.work_dir or Path(tempfile.mkdtemp(prefix="saga-demo-"))
         self.managers: list[Child] = []
         self.participants: Child | None = None
+        self.web_console: Child | None = None
         self.names_by_pid: dict[int, str] = {}
         self.t0 = time.monotonic()
         self.sagas_t0: float | None = None
@@ -1239,19 +1241,55 @@ class Demo:
             consumer.close()
 
     def _stay(self) -> None:
+        url = self._start_web_console()
         self.console.print(
             f"everything keeps running; query any saga meanwhile:\n{escape(query_hints(self.bootstrap, self.topics.prefix, self.plan))}"
-            "\nCtrl-C stops it all"
+            + (f"\nweb console: {url}" if url else "")
+            + "\nCtrl-C stops it all"
         )
         with contextlib.suppress(Interrupted):
             while True:
                 signal.pause()  # until Ctrl-C / SIGTERM (the handler raises Interrupted)
 
+    def _start_web_console(self) -> str | None:
+        """`saga console` on this run's topics (8080 if free, else any port); its URL once it answers."""
+        import urllib.error
+        import urllib.request
+
+        from sagalog.broker import free_port
+
+        port = 8080
+        try:
+            with socket.create_server(("127.0.0.1", port)):
+                pass
+        except OSError:
+            port = free_port()
+        child = Child(
+            "console",
+            [
+                "console", "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
+                "--group-id", f"{self.topics.prefix}-managers", "--port", str(port),
+                "--state-dir", str(self.work_dir / "console-state"),
+            ],
+            self.work_dir / "console.log",
+        ).start()  # fmt: skip
+        self.web_console = child
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and child.alive:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                return url
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)  # until the console answers (polling with a deadline)
+        self.event(f"[warning] the web console did not start; see {self.work_dir / 'console.log'}")
+        return None
+
     def _cleanup(self, *, remove_work_dir: bool) -> None:
         """Stop every process this demo started: participants, managers, then the broker.
 
         The work directory (logs, databases) is removed only after a run that passed."""
-        for child in [*([self.participants] if self.participants else []), *self.managers]:
+        for child in [*([self.web_console] if self.web_console else []), *([self.participants] if self.participants else []), *self.managers]:
             with contextlib.suppress(Exception):
                 child.stop()
         if self.model is not None:

@@ -105,3 +105,32 @@ def test_demo_ctrl_c_stops_everything_it_started(bootstrap: str, tmp_path: Path)
     pids = [int(p) for p in re.findall(r"pid (\d+)", text)]
     assert len(pids) >= 4  # 3 managers and the participants
     assert all(gone(pid) for pid in pids), [pid for pid in pids if not gone(pid)]
+
+
+def test_demo_stay_serves_the_web_console_with_the_demos_sagas(tmp_path: Path) -> None:
+    """`saga demo --stay` keeps everything running and prints the console's URL; the console
+    shows the demo's sagas, the takeover (an epoch above 1) and a compensated saga's time line."""
+    import threading
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sagacli", "demo", "--sagas", "30", "--no-zombie", "--stay", "--work-dir", str(tmp_path / "w")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    try:
+        found = wait_for(lambda: next((ln for ln in list(lines) if "web console: http" in ln), None), 240, "the console's URL")
+        url = re.search(r"http://\S+", str(found)).group(0)  # type: ignore[union-attr]
+        home = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "trip-" in home or "order-" in home
+        partitions = urllib.request.urlopen(url + "partitions", timeout=10).read().decode()
+        assert re.search(r"epoch\D{0,40}[2-9]", partitions), "no partition shows a takeover"
+        aborted = urllib.request.urlopen(url + "sagas?status=aborted", timeout=10).read().decode()
+        saga_id = re.search(r"/sagas/((?:trip|order)-\d+)", aborted).group(1)  # type: ignore[union-attr]
+        page = urllib.request.urlopen(f"{url}sagas/{saga_id}", timeout=10).read().decode()
+        assert "compensat" in page.lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    assert "Traceback" not in "".join(lines)
