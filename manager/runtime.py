@@ -395,6 +395,7 @@ class Manager:
         self._claim(p, producer, fold, started, fenced_s, time.monotonic() - started - fenced_s)
 
     def _claim(self, p: int, producer: Producer, fold: PartitionFold, started: float, fenced_s: float, replayed_s: float) -> None:
+        claim_began = time.monotonic()
         now = now_ms()
         # Above every epoch seen on the partition: its claims, and (should a claim be missing) its records.
         epoch = max([fold.epoch, *(state.epoch for state in fold.sagas.values())]) + 1
@@ -416,11 +417,14 @@ class Manager:
         self.stats["takeovers"] += 1
         if self.metrics is not None:
             self.metrics.took_over(p, time.monotonic() - started, replayed_s, self._replayed.get(p, 0))
+        # The rest of the time: the group check after the replay, the inbox rewind, and the claims of
+        # partitions taken over in the same batch before this one ("waiting"), then its own claim.
         log.info(
             "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, "
-            "in %.0f ms (fencing %.0f ms, replay %.0f ms)",
+            "in %.0f ms (fencing %.0f ms, replay %.0f ms, waiting %.0f ms, claim %.0f ms)",
             p, owned.epoch, len(fold.sagas), len(owned.live), fold.rejected_count,
             1000 * (time.monotonic() - started), 1000 * fenced_s, 1000 * replayed_s,
+            1000 * (claim_began - started - fenced_s - replayed_s), 1000 * (time.monotonic() - claim_began),
         )  # fmt: skip
 
     def _replay_many(self, partitions: list[int]) -> dict[int, PartitionFold]:
