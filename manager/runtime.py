@@ -41,6 +41,7 @@ from confluent_kafka import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from manager import decide
+from sagalog import tracing
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
@@ -48,8 +49,10 @@ from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState, fold_newest
 from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate, where
 from sagalog.records import (
+    Action,
     DeadLetter,
     ParticipantCommand,
+    ParticipantReply,
     PartitionClaim,
     StartSaga,
 )
@@ -103,6 +106,10 @@ class Outbox:
     commands: list[tuple[str, bytes, bytes]] = field(default_factory=list)  # (topic, key, value)
     dead: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (original key, DeadLetter)
     next_inbox_offset: int | None = None
+    #: Tracing only (empty otherwise): each command's headers by its index in ``commands``, and
+    #: the spans its records end, exported once the transaction has committed.
+    command_headers: dict[int, tracing.Headers] = field(default_factory=dict)
+    spans: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.log or self.commands or self.dead or self.next_inbox_offset is not None)
@@ -166,6 +173,9 @@ class Manager:
             from manager.metrics import ManagerMetrics
 
             self.metrics = ManagerMetrics(self)
+        #: OpenTelemetry (OTEL_* environment, or sagalog.tracing.install); None: off, and then
+        #: no header is built and no span exists.
+        self.tracing = tracing.get("saga-manager")
         self._replayed: dict[int, int] = {}  # partition -> records read by its last replay
         self._lag: dict[int, int] = {}  # partition -> inbox records not read yet, at the last audit
 
@@ -509,7 +519,10 @@ class Manager:
             return
         if isinstance(item, StartSaga):
             self.stats["started"] += 1
-        self._apply(owned, decision, now)
+        reply = None
+        if self.tracing is not None:
+            decision, reply = _traced_input(item, msg, decision)
+        self._apply(owned, decision, now, reply)
 
     def _caught_up(self, owned: Owned, now: int) -> bool:
         """Has the inbox been read to its end since takeover? Until then deadlines wait: a reply
@@ -548,7 +561,7 @@ class Manager:
             del owned.finished[saga_id]
             owned.outbox.log.append((saga_id.encode(), None))
 
-    def _apply(self, owned: Owned, decision: decide.Decision, now: int) -> None:
+    def _apply(self, owned: Owned, decision: decide.Decision, now: int, reply: tuple[str, Action, Any] | None = None) -> None:
         state = decision.state
         assert state is not None
         out = owned.outbox
@@ -557,6 +570,8 @@ class Manager:
             out.log.append((key, self.codec.encode(record)))
         if self.metrics is not None:
             self.metrics.decided(decision.records)
+        if self.tracing is not None:  # the attempts (and the saga) these records end, from the state before
+            out.spans.extend(self.tracing.saga_spans(state.saga_id, owned.live.get(state.saga_id), decision.records, reply))
         self._after_decision(owned, state, decision.commands, now)
 
     def _after_decision(self, owned: Owned, state: SagaState, commands: list[tuple[str, ParticipantCommand]], now: int) -> None:
@@ -578,6 +593,8 @@ class Manager:
             if marker in sent:
                 continue
             sent.add(marker)
+            if self.tracing is not None:  # names the attempt's span, whichever manager emits it
+                owned.outbox.command_headers[len(owned.outbox.commands)] = self.tracing.command_headers(saga_id, state, command)
             owned.outbox.commands.append((self.topics.commands(participant), key, self.codec.encode(command)))
         wake = decide.next_wakeup_ms(state, now)
         if wake is not None:
@@ -638,8 +655,12 @@ class Manager:
             producer.begin_transaction()
             for key, value in out.log:
                 producer.produce(self.topics.log, value=value, key=key, partition=p)
-            for topic, key, value in out.commands:
-                producer.produce(topic, value=value, key=key)
+            if out.command_headers:
+                for i, (topic, key, value) in enumerate(out.commands):
+                    producer.produce(topic, value=value, key=key, headers=out.command_headers.get(i))
+            else:
+                for topic, key, value in out.commands:
+                    producer.produce(topic, value=value, key=key)
             for original_key, letter in out.dead:  # keyed like the original (the contract): its partition by key
                 producer.produce(self.topics.dead_letters, value=letter, key=original_key)
             if out.next_inbox_offset is not None:
@@ -657,6 +678,8 @@ class Manager:
             return BrokerError(f"writing partition {p}: {err}", retryable=True)
         if self.metrics is not None:
             self.metrics.committed(p, time.perf_counter() - began, ok=True)
+        if out.spans and self.tracing is not None:
+            self.tracing.export(out.spans)
         return None
 
     def _write_failed(self, p: int, err: BrokerError) -> None:
@@ -699,3 +722,18 @@ class Manager:
             self.consumer.seek(committed if committed.offset >= 0 else TopicPartition(self.topics.inbox, p, OFFSET_BEGINNING))
         except KafkaException as err:
             raise translate(err, f"rewinding inbox partition {p}") from err
+
+
+def _traced_input(item: object, msg: Message, decision: decide.Decision) -> tuple[decide.Decision, tuple[str, Action, Any] | None]:
+    """Tracing only. A start's ``traceparent`` header joins the saga to the client's trace: it is
+    kept in the snapshot from the first record on, so any later owner emits into that trace. A
+    reply's names the participant's span: (step, action, header), linked from the attempt span."""
+    if isinstance(item, ParticipantReply):
+        return decision, (item.step, item.action, tracing.header(msg.headers()))
+    if isinstance(item, StartSaga) and decision.records and decision.state is not None:
+        parsed = tracing.parse_traceparent(tracing.header(msg.headers()))
+        if parsed is not None:
+            parent = tracing.format_traceparent(parsed[0], parsed[1], bool(parsed[2] & 1))
+            decision.records = [r.replace(snapshot=r.snapshot.replace(trace_parent=parent)) for r in decision.records]
+            decision.state = decision.state.replace(trace_parent=parent)
+    return decision, None

@@ -63,11 +63,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from participants.store import JournalEntry, OutboxRow, ParticipantStore, StoreTransaction
+from sagalog import tracing
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.errors import (
@@ -80,6 +81,9 @@ from sagalog.errors import (
 )
 from sagalog.kafka import ClientOverrides, consumer_config, must_stop, producer_config, translate
 from sagalog.records import Action, DeadLetter, ParticipantCommand, ParticipantReply, ReplyOutcome
+
+if TYPE_CHECKING:
+    from participants.metrics import ParticipantMetrics
 
 _log = logging.getLogger(__name__)
 #: librdkafka's own log lines, routed into logging instead of stderr.
@@ -208,6 +212,7 @@ class _Flight:
     row: OutboxRow
     failures: int = 0
     dead_lettered: bool = False
+    headers: tracing.Headers | None = None  # the reply's traceparent, when tracing
 
 
 class OutboxRelay:
@@ -235,8 +240,10 @@ class OutboxRelay:
         component: str,
         hold_s: tuple[float, float] | None = None,
         rng: random.Random | None = None,
+        on_reply_delivered: Callable[[], None] | None = None,
     ) -> None:
         self._producer = producer
+        self._on_reply_delivered = on_reply_delivered
         self._codec = codec
         self._dead_letters = dead_letters
         self._component = component
@@ -260,13 +267,15 @@ class OutboxRelay:
         """Smallest unacknowledged row id (rows are kept in publish order; ids only grow)."""
         return next(iter(self._flights), None)
 
-    def publish(self, rows: list[OutboxRow], *, hold: bool = True) -> None:
-        """Send committed rows (after their hold, when the relay has one and ``hold`` is true)."""
+    def publish(self, rows: list[OutboxRow], *, hold: bool = True, headers: Mapping[int, tracing.Headers] | None = None) -> None:
+        """Send committed rows (after their hold, when the relay has one and ``hold`` is true),
+        with the Kafka headers ``headers`` gives by row id (a reply's ``traceparent``). Headers are
+        kept in memory only: a row sent at the next start after a crash goes without."""
         now = time.monotonic()
         for row in rows:
             if row.id in self._flights:  # already on its way (startup re-publish after a quick restart)
                 continue
-            self._flights[row.id] = _Flight(row)
+            self._flights[row.id] = _Flight(row, headers=headers.get(row.id) if headers else None)
             if hold and self._hold_s is not None and row.topic != self._dead_letters:
                 self._held.add(row.id)
                 heapq.heappush(self._retries, (now + self._rng.uniform(*self._hold_s), row.id))
@@ -323,6 +332,8 @@ class OutboxRelay:
         kwargs: dict[str, Any] = {"key": row.key, "value": row.value, "on_delivery": partial(self._on_delivery, row_id)}
         if row.partition is not None:
             kwargs["partition"] = row.partition
+        if flight.headers is not None:
+            kwargs["headers"] = flight.headers
         while True:
             try:
                 self._producer.produce(row.topic, **kwargs)
@@ -336,8 +347,11 @@ class OutboxRelay:
 
     def _on_delivery(self, row_id: int, err: KafkaError | None, _msg: Message) -> None:
         if err is None:
-            if self._flights.pop(row_id, None) is not None:
+            flight = self._flights.pop(row_id, None)
+            if flight is not None:
                 self._delivered.append(row_id)
+                if self._on_reply_delivered is not None and flight.row.topic != self._dead_letters:
+                    self._on_reply_delivered()
             return
         self._failed(row_id, translate(err, "delivering an outbox row"))
 
@@ -352,6 +366,7 @@ class OutboxRelay:
                        row_id, flight.row.topic, flight.row.partition, error)
             flight.row = self._as_dead_letter(flight.row, str(error))
             flight.dead_lettered = True
+            flight.headers = None
             flight.failures = 0
             self._send(row_id)
             return
@@ -445,6 +460,13 @@ class Participant:
     holds each new reply that long before sending it, so many commands can be "in progress"
     at once and throughput is not capped the way sleeping in a handler would cap it. A held
     reply is already durable in the outbox (sent at the next start after a crash).
+
+    ``metrics_port`` serves Prometheus metrics on ``/metrics`` from :meth:`start` on (0: any free
+    port; :attr:`metrics_address` says which): see :mod:`participants.metrics`. Participants of
+    one process share one registry and one server. Tracing (OpenTelemetry) follows the process's
+    ``OTEL_*`` environment or :func:`sagalog.tracing.install`: each command that carries a
+    ``traceparent`` is handled inside a span, child of the manager's attempt span, and its reply
+    carries the span's ``traceparent``.
     """
 
     def __init__(
@@ -461,6 +483,7 @@ class Participant:
         codec: Codec | None = None,
         crash_after_commit: bool | None = None,
         reply_hold_s: tuple[float, float] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if not name or ANY_STEP in name:
             raise ConfigError(f"participant name {name!r} is not valid")
@@ -494,6 +517,13 @@ class Participant:
         # Stateless mode: in-memory row ids, and offsets waiting for their replies' acknowledgement.
         self._row_ids = itertools.count(1)
         self._unacked_offsets: deque[tuple[int, dict[int, int]]] = deque()
+        self._metrics_port = metrics_port
+        self._metrics: ParticipantMetrics | None = None
+        #: Where /metrics is served, once started with a ``metrics_port``.
+        self.metrics_address: tuple[str, int] | None = None
+        #: None: tracing is off, and no span or header is made.
+        self._tracing = tracing.get("saga-participant")
+        self._batch_headers: dict[int, tracing.Headers] = {}  # reply row id -> its traceparent header
 
     # --- declaring handlers -----------------------------------------------------------
 
@@ -566,6 +596,11 @@ class Participant:
             raise ConfigError(f"participant {self.name!r} has no handlers")
         if self.store is not None:
             self.store.open()  # first: a store that cannot open must not leave clients behind
+        if self._metrics_port is not None and self._metrics is None:
+            from participants.metrics import ParticipantMetrics, serve
+
+            self._metrics = ParticipantMetrics(self)
+            self.metrics_address = serve(self._metrics_port)
         client_id = f"{self.group_id}:{os.getpid()}"
         producer = Producer(
             producer_config(self.bootstrap, overrides={"client.id": client_id, **self._overrides}),
@@ -578,6 +613,7 @@ class Participant:
             component=self._component,
             hold_s=self._reply_hold_s,
             rng=random.Random(self.name),  # a reproducible sequence of holds per participant
+            on_reply_delivered=None if self._metrics is None else self._metrics.replies_delivered.inc,
         )
         if self.store is not None:
             leftovers = self.store.pending()
@@ -703,6 +739,7 @@ class Participant:
         delivered = relay.take_delivered()
         outgoing: list[OutboxRow] = []
         next_offsets: dict[int, int] = {}
+        self._batch_headers = {}
         try:
             with self.store.transaction() as tx:
                 if delivered:
@@ -713,7 +750,10 @@ class Participant:
                     next_offsets[partition] = offset + 1
                 for partition, offset in next_offsets.items():
                     tx.save_offset(self.command_topic, partition, offset)
+                committing = time.perf_counter()
         except Exception:
+            if self._metrics is not None:
+                self._metrics.batches_failed.inc()
             # The store failed (disk, lock timeout, ...): nothing of this batch happened. Read it
             # again after a pause; handler errors never get here (they become replies).
             relay.give_back(delivered)
@@ -724,6 +764,9 @@ class Participant:
                            self.name, len(records), delay)
             self._stopping.wait(delay)
             return 0
+        if self._metrics is not None:
+            self._metrics.commit_seconds.observe(time.perf_counter() - committing)
+            self._metrics.batches_committed.inc()
         self._failures_in_a_row = 0
         self.stats.batches += 1
         self.stats.commands += len(records)
@@ -734,7 +777,7 @@ class Participant:
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
 
-        relay.publish(outgoing)
+        relay.publish(outgoing, headers=self._batch_headers)
         self._kafka_offsets.update(next_offsets)
         return len(records)
 
@@ -742,11 +785,12 @@ class Participant:
         _, relay = self._require_started()
         rows: list[OutboxRow] = []
         next_offsets: dict[int, int] = {}
+        self._batch_headers = {}
         for msg in records:
             rows.extend(self._handle_stateless(msg))
             partition, offset = _where(msg)
             next_offsets[partition] = offset + 1
-        relay.publish(rows)
+        relay.publish(rows, headers=self._batch_headers)
         self._unacked_offsets.append((rows[-1].id, next_offsets))
         self.stats.batches += 1
         self.stats.commands += len(records)
@@ -801,7 +845,35 @@ class Participant:
         """Apply the rules to one command; the reply and any dead letter go into the outbox."""
         parsed = self._parse(msg)
         if isinstance(parsed, _Reject):
+            if self._metrics is not None:
+                self._metrics.command("unknown", "dead_lettered")
             return [tx.enqueue(self.topics.dead_letters, None, msg.key(), self._dead_letter(msg, parsed))]
+        if self._tracing is None and self._metrics is None:
+            return self._answer(tx, msg, parsed)[0]
+        return self._observed(msg, parsed, lambda: self._answer(tx, msg, parsed))
+
+    def _observed(
+        self, msg: Message, parsed: _Parsed, answer: Callable[[], tuple[list[OutboxRow], ParticipantReply, str]]
+    ) -> list[OutboxRow]:
+        """``answer()`` inside the command's span (tracing), counted (metrics). The reply is the
+        last row: it gets the span's ``traceparent`` when it is published."""
+        command = parsed.command
+        if self._tracing is None:
+            rows, reply, outcome = answer()
+        else:
+            with self._tracing.participant_span(self.name, self.command_topic, command, msg.headers()) as span:
+                rows, reply, outcome = answer()
+                if span is not None:
+                    self._batch_headers[rows[-1].id] = self._tracing.answered(span, outcome, reply.error)
+        if self._metrics is not None:
+            self._metrics.command(command.action.value.lower(), outcome)
+        return rows
+
+    def _answer(
+        self, tx: StoreTransaction, msg: Message, parsed: _Parsed
+    ) -> tuple[list[OutboxRow], ParticipantReply, str]:
+        """The rules for a decoded command: its rows (any dead letter, then the reply), the reply,
+        and how it was answered (a metrics outcome: the reply's, ``replayed`` or ``dead_lettered``)."""
         command = parsed.command
         max_epoch = tx.max_epoch(command.saga_id)
         decision = decide(command, tx.journal(command.saga_id, command.step), max_epoch,
@@ -813,6 +885,7 @@ class Participant:
             tx.raise_epoch(command.saga_id, command.epoch)
         rows: list[OutboxRow] = []
         encoded: bytes | None = None
+        outcome: str | None = None
         if decision.verdict is Verdict.REFUSE:
             self.stats.refused += 1
             _log.info("%s: refused %s (epoch %d): %s", self.name, command.command_id, command.epoch, decision.reason)
@@ -822,6 +895,7 @@ class Participant:
             self.stats.replays += 1
             recorded = decision.recorded
             reply = self._reply(command, recorded.outcome, output=recorded.output, error=recorded.error)
+            outcome = "replayed"
         elif decision.verdict is Verdict.SKIP:
             self.stats.skipped += 1
             _log.info("%s: %s: %s", self.name, command.command_id, decision.reason)
@@ -833,6 +907,7 @@ class Participant:
             reply = self._unable_reply(command, parsed.unable)
             if command.action is Action.EXECUTE:  # final, like any business failure of an execute
                 tx.record(self._entry(reply))
+            outcome = "dead_lettered"
         else:
             assert parsed.handler is not None
             reply, encoded = self._run(parsed, parsed.handler, tx.handle, tx.savepoint())
@@ -844,27 +919,36 @@ class Participant:
         self._count(reply)
         rows.append(tx.enqueue(command.reply_topic, command.reply_partition, command.saga_id.encode(),
                                encoded if encoded is not None else self._codec.encode(reply)))
-        return rows
+        return rows, reply, outcome or reply.outcome.value.lower()
 
     def _handle_stateless(self, msg: Message) -> list[OutboxRow]:
         parsed = self._parse(msg)
         if isinstance(parsed, _Reject):
+            if self._metrics is not None:
+                self._metrics.command("unknown", "dead_lettered")
             return [OutboxRow(next(self._row_ids), self.topics.dead_letters, None, msg.key(),
                               self._dead_letter(msg, parsed))]
+        if self._tracing is None and self._metrics is None:
+            return self._answer_stateless(msg, parsed)[0]
+        return self._observed(msg, parsed, lambda: self._answer_stateless(msg, parsed))
+
+    def _answer_stateless(self, msg: Message, parsed: _Parsed) -> tuple[list[OutboxRow], ParticipantReply, str]:
         command = parsed.command
         rows: list[OutboxRow] = []
+        outcome: str | None = None
         if parsed.unable is not None:
             rows.append(OutboxRow(next(self._row_ids), self.topics.dead_letters, None, msg.key(),
                                   self._dead_letter(msg, parsed.unable)))
             reply = self._unable_reply(command, parsed.unable)
             encoded = self._codec.encode(reply)
+            outcome = "dead_lettered"
         else:
             assert parsed.handler is not None
             reply, encoded = self._run(parsed, parsed.handler, None, nullcontext())
         self._count(reply)
         rows.append(OutboxRow(next(self._row_ids), command.reply_topic, command.reply_partition,
                               command.saga_id.encode(), encoded))
-        return rows
+        return rows, reply, outcome or reply.outcome.value.lower()
 
     def _unable_reply(self, command: ParticipantCommand, unable: _Reject) -> ParticipantReply:
         """The answer to a command this participant cannot act on: a refusal the manager turns
@@ -894,7 +978,7 @@ class Participant:
         )
         try:
             with savepoint:
-                result = handler(ctx, handle)
+                result = handler(ctx, handle) if self._metrics is None else self._timed(handler, ctx, handle)
                 output = json.dumps({} if result is None else result, separators=(",", ":"))
                 reply = self._reply(command, ReplyOutcome.SUCCESS, output=output)
                 # Encoded inside the savepoint: an output too large to send undoes the writes.
@@ -912,6 +996,14 @@ class Participant:
             reply = self._reply(command, ReplyOutcome.RETRYABLE_ERROR,
                                 error=f"{type(err).__name__}: {err}"[:_MAX_ERROR_CHARS])
         return reply, self._codec.encode(reply)
+
+    def _timed(self, handler: Handler, ctx: StepContext, handle: Any) -> Any:
+        assert self._metrics is not None
+        began = time.perf_counter()
+        try:
+            return handler(ctx, handle)
+        finally:
+            self._metrics.handled(ctx.step, ctx.action.value.lower(), time.perf_counter() - began)
 
     def _reply(
         self, command: ParticipantCommand, outcome: ReplyOutcome, *, output: str | None = None, error: str | None = None

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 import uuid
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from sagalog.kafka import ClientOverrides
     from sagalog.readmodel import HistoryEntry, ReadModel, SagaNotFound, SagaRemoved, SagaSummary, SagaView
     from sagalog.records import IncidentAction, OperatorAction, SagaStatus
+    from sagalog.tracing import Headers
 
 __all__ = [
     "InvalidPayload",
@@ -331,7 +333,8 @@ class SagaClient:
             (p.saga_id, codec.encode(StartSaga(saga_id=p.saga_id, saga_type=p.saga_type, payload=p.payload, requested_ms=now)))
             for p in prepared
         ]
-        partitions = self._produce(encoded, "start request")
+        # Started inside a span of the caller's (OpenTelemetry): each saga joins the caller's trace.
+        partitions = self._produce(encoded, "start request", headers=_trace_headers())
         return [Started(p.saga_id, p.saga_type, part) for p, part in zip(prepared, partitions, strict=True)]
 
     def _prepare(self, request: SagaRequest) -> _Prepared:
@@ -423,8 +426,9 @@ class SagaClient:
             )
         self._inbox_checked = True
 
-    def _produce(self, messages: list[tuple[str, bytes]], what: str) -> list[int]:
-        """Produce (key, value) pairs to the inbox, flush once; each one's partition once acknowledged."""
+    def _produce(self, messages: list[tuple[str, bytes]], what: str, headers: Headers | None = None) -> list[int]:
+        """Produce (key, value) pairs to the inbox (each with ``headers``, if any), flush once; each
+        one's partition once acknowledged."""
         from confluent_kafka import KafkaError, KafkaException, Message
 
         from sagalog.kafka import translate
@@ -442,7 +446,7 @@ class SagaClient:
             for index, (saga_id, value) in enumerate(messages):
                 while True:
                     try:
-                        producer.produce(inbox, value, key=saga_id.encode(), on_delivery=on_delivery(index))
+                        producer.produce(inbox, value, key=saga_id.encode(), on_delivery=on_delivery(index), headers=headers)
                         break
                     except BufferError:
                         # The local queue is full (a very large batch): let deliveries drain it.
@@ -638,6 +642,16 @@ class SagaClient:
                 f"check it later with 'saga status {saga_id}'"
             )
         raise SagaTimeout(message, saga_id=saga_id, timeout_s=timeout_s, state=state)
+
+
+def _trace_headers() -> Headers | None:
+    """The caller's current span as a ``traceparent`` header, if it has one. A process that never
+    imported OpenTelemetry has no current span: then nothing is imported to find out."""
+    if "opentelemetry.trace" not in sys.modules:
+        return None
+    from sagalog.tracing import current_headers
+
+    return current_headers()
 
 
 def default_operator() -> str:

@@ -255,6 +255,10 @@ class SagaSnapshot(Frozen):
     incidents: tuple[Incident, ...] = ()
     started_ms: Int64
     updated_ms: Int64
+    #: The W3C ``traceparent`` of the client span that started the saga (from the StartSaga
+    #: message's header, kept by a manager that traces): the saga's trace joins that one. None:
+    #: the trace id derives from the saga id and ``started_ms`` (see :mod:`sagalog.tracing`).
+    trace_parent: str | None = None
 
 
 # --- top-level records ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from sagalog.records import (
 SCHEMAS = schemas_dir()
 V1_PATH = SCHEMAS / "history" / "saga_log_record.v1.avsc"
 V2_PATH = SCHEMAS / "history" / "saga_log_record.v2.avsc"
+V3_PATH = SCHEMAS / "history" / "saga_log_record.v3.avsc"
 
 #: CRC-64-AVRO fingerprints (little-endian, as on the wire) of the current schemas. A change
 #: here is a change of the wire contract: keep the old .avsc in schemas/history/, add its
@@ -49,7 +50,7 @@ CURRENT_FINGERPRINTS = {
     "sagalog.ParticipantCommand": "da661df0938322d4",
     "sagalog.ParticipantReply": "047a0322f549234e",
     "sagalog.PartitionClaim": "08de3b78be047fe9",
-    "sagalog.SagaLogRecord": "3fb3c3f121266f8c",
+    "sagalog.SagaLogRecord": "b38785ccd7bdae59",
     "sagalog.StartSaga": "7b88424c4fbf8099",
 }
 #: Fingerprints of superseded versions: bytes written with them are on logs out there and
@@ -58,6 +59,7 @@ PREVIOUS_FINGERPRINTS = {
     "sagalog.SagaLogRecord": [
         "cabbdbbc60c5b026",  # v1, before `writer`
         "62e5c87f8dfdb370",  # v2, before incidents (their events, `incidents`, `comp_budget_from`)
+        "3fb3c3f121266f8c",  # v3, before the snapshot's `trace_parent`
     ],
 }
 
@@ -97,15 +99,18 @@ INCIDENT_EVENTS = (IncidentOpened, IncidentRetried, IncidentResolved)
 
 def _old_bytes(record: SagaLogRecord, path: Path) -> bytes:
     """What a manager on an older schema wrote: its fingerprint and a body without what that
-    version did not have (v1: `writer`; v1 and v2: incidents, `comp_budget_from`)."""
+    version did not have (v1: `writer`; v1 and v2: incidents, `comp_budget_from`; v1 to v3:
+    the snapshot's `trace_parent`)."""
     raw = json.loads(path.read_text())
     schema = fastavro.parse_schema(raw, _force=True)
     datum = record.model_dump()
     if path == V1_PATH:
         del datum["writer"]
-    del datum["snapshot"]["incidents"]
-    for step in datum["snapshot"]["steps"]:
-        del step["comp_budget_from"]
+    del datum["snapshot"]["trace_parent"]
+    if path != V3_PATH:
+        del datum["snapshot"]["incidents"]
+        for step in datum["snapshot"]["steps"]:
+            del step["comp_budget_from"]
     datum["event"] = (record.event.AVRO_NAME, datum["event"])
     out = io.BytesIO()
     out.write(MAGIC + schema_fingerprint(raw))
@@ -232,12 +237,30 @@ def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
     assert decoded == old
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
+def test_v3_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
+    old = record.model_copy(update={"snapshot": record.snapshot.model_copy(update={"trace_parent": None})})
+    data = _old_bytes(old, V3_PATH)
+    assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][2]
+    decoded = codec.decode(data)
+    assert decoded.snapshot.trace_parent is None
+    assert decoded == old
+
+
+def test_a_trace_parent_round_trips(codec: Codec) -> None:
+    record = _sample_log_record()
+    traced = record.model_copy(update={"snapshot": record.snapshot.model_copy(
+        update={"trace_parent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})})
+    assert codec.decode(codec.encode(traced)) == traced
+
+
 def test_old_versions_need_the_history_directory(tmp_path: Path) -> None:
     """Decoding old bytes works because of schemas/history/, not by accident."""
     for p in SCHEMAS.glob("*.avsc"):
         shutil.copy(p, tmp_path / p.name)
     record = _sample_log_record()
-    for path in (V1_PATH, V2_PATH):
+    for path in (V1_PATH, V2_PATH, V3_PATH):
         data = _old_bytes(record, path)
         with pytest.raises(UnknownSchema):
             Codec(tmp_path).decode(data)

@@ -78,6 +78,14 @@ def list_command() -> None:
     show_default=True,
     help="Consumer group session timeout: how fast a dead participant's partitions move to another.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve Prometheus metrics of every participant of this process on http://0.0.0.0:PORT/metrics (one "
+    "server for all; 0: any free port). Traces: set OTEL_TRACES_EXPORTER (otlp, console) and OTEL_SERVICE_NAME, "
+    "with 'sagalog[tracing]' installed.",
+)
 @bootstrap_option
 @prefix_option
 @wait_for_broker_option
@@ -102,6 +110,7 @@ def run_command(
     capacity: int | None,
     step_time_ms: str,
     session_timeout_ms: int,
+    metrics_port: int | None,
     bootstrap_servers: str,
     topic_prefix: str,
     client_settings: tuple[str, ...],
@@ -151,6 +160,7 @@ def run_command(
             options=options,
             overrides=overrides,
             session_timeout_ms=session_timeout_ms,
+            metrics_port=metrics_port,  # one server for all of them: the first one starts it
         )
         for name in names
     ]
