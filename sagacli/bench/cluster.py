@@ -156,6 +156,11 @@ class Deployment:
     session_timeout_ms: int
     participants: tuple[str, ...] = ("noop",)
     manager_log_level: str = "WARNING"
+    #: Extra flags for every manager / participant process, and extra environment for both
+    #: (the observability part turns metrics and tracing on with them).
+    manager_args: tuple[str, ...] = ()
+    participant_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
     managers: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
 
@@ -179,7 +184,9 @@ class Deployment:
                 "--partitions", str(self.partitions),
                 "--session-timeout-ms", str(self.session_timeout_ms),
                 "--log-level", self.manager_log_level,
+                *self.manager_args,
             ],
+            env=self.env,
         )
         self.managers.append(child)
         return child
@@ -195,7 +202,9 @@ class Deployment:
                 "--db-dir", str(self.procs.log_dir / f"{self.prefix}-db"),
                 "--session-timeout-ms", str(self.session_timeout_ms),
                 "--log-level", "WARNING",
+                *self.participant_args,
             ],
+            env=self.env,
         )
         self.workers.append(child)
         return child

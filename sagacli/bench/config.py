@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 #: The parts in the order they run. ``--skip`` takes these names.
-PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query")
+PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query", "observability")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class BenchConfig:
     # generous bounds for waiting on the system under test
     warmup_sagas: int = 50
     drain_timeout_s: float = 30.0
+    #: 8. Observability cost: this load, this long, with metrics and tracing off / on.
+    observability_rate: float = 100.0
+    observability_seconds: float = 10.0
     skip: frozenset[str] = field(default_factory=frozenset)
     profile: bool = False
     profile_seconds: float = 15.0
@@ -98,6 +101,7 @@ class BenchConfig:
             query_cli_samples=3,
             warmup_sagas=20,
             drain_timeout_s=6.0,
+            observability_seconds=3.0,
             profile_seconds=8.0,
         )
         return replace(quick, **overrides)  # type: ignore[arg-type]
@@ -129,6 +133,7 @@ class BenchConfig:
             query_cli_samples=n(self.query_cli_samples, 1),
             warmup_sagas=n(self.warmup_sagas, 5),
             profile_seconds=s(self.profile_seconds, 2.0),
+            observability_seconds=s(self.observability_seconds, 1.5),
         )
 
     def runs(self, part: str) -> bool:

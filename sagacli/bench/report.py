@@ -275,6 +275,22 @@ def markdown(results: dict[str, Any]) -> str:
             if s and s.get("count"):
                 rows.append([name, str(s["count"]), _fmt(s["p50_ms"], 1), _fmt(s["p90_ms"], 1), _fmt(s["p99_ms"], 1), _fmt(s["max_ms"], 1)])
         lines += _table(["Query", "Samples", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows)
+    obs = results.get("observability")
+    if obs:
+        lines += ["## 8. Observability cost (1 manager)", ""]
+        lines += [
+            f"{obs['rate_per_s']:g} sagas/s for {obs['seconds']:g} s per mode, each on a fresh deployment. Metrics: "
+            f"managers and participants serve /metrics (not scraped). Tracing: OTEL_TRACES_EXPORTER=console into the "
+            f"processes' logs. CPU µs per saga, by process kind:",
+            "",
+        ]
+        rows = []
+        for mode, r in obs["modes"].items():
+            cpu = r["cpu_us_per_saga"]
+            over = r.get("overhead_vs_off")
+            rows.append([mode, f"{r['completed']:,}/{r['sent']:,}", _fmt(cpu.get("managers")), _fmt(cpu.get("participants")),
+                         _fmt(cpu.get("broker")), _fmt(cpu.get("total")), "" if over is None else f"{over:+.1%}"])
+        lines += _table(["Mode", "Ended/sent", "Managers", "Participants", "Broker", "Total", "vs off"], rows)
     profile = lookup(results, "throughput.runs")
     for run in profile or []:
         prof = run.get("profile")

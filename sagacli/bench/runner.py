@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sagacli.bench import ceiling, memory, query, recovery, replay, report, sagas
+from sagacli.bench import ceiling, memory, observability, query, recovery, replay, report, sagas
 from sagacli.bench.cluster import Processes
 from sagacli.bench.common import Context, Progress, loadavg
 from sagacli.bench.config import PARTS, BenchConfig
@@ -215,7 +215,7 @@ def run_bench(
                 elif unit in ("throughput", "latency"):
                     results.update(sagas.run_sagas(ctx, config.runs("throughput"), config.runs("latency")))
                 else:
-                    module = {"replay": replay, "recovery": recovery, "memory": memory, "query": query}[unit]
+                    module = {"replay": replay, "recovery": recovery, "memory": memory, "query": query, "observability": observability}[unit]
                     results[unit] = module.run(ctx)
             except Exception as err:  # noqa: BLE001 - one failing part must not lose the others' figures
                 errors[unit] = f"{type(err).__name__}: {err}"

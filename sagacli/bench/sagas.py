@@ -63,6 +63,9 @@ class Rig:
         participant_names: tuple[str, ...] = ("noop",),
         session_timeout_ms: int | None = None,
         manager_log_level: str = "WARNING",
+        manager_args: tuple[str, ...] = (),
+        participant_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.ctx = ctx
         self.definition = bench_definition(definitions)
@@ -75,6 +78,9 @@ class Rig:
             session_timeout_ms or ctx.config.session_timeout_ms,
             participants=participant_names,
             manager_log_level=manager_log_level,
+            manager_args=manager_args,
+            participant_args=participant_args,
+            env=dict(env or {}),
         )
         self.n_managers = managers
         self.n_participants = participants

@@ -14,7 +14,7 @@ import click
 
 from sagacli.cli import cli
 
-_PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query")
+_PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query", "observability")
 
 
 @cli.command("bench")
