@@ -459,6 +459,14 @@ class SagaClient:
             producer.flush(max(0.0, deadline - time.monotonic()))
         except KafkaException as err:
             raise translate(err, f"sending {what}s to {inbox}") from err
+        except SystemError as err:
+            # confluent-kafka surfaces a fatal producer error (e.g. no ACL to write anything: no
+            # idempotent producer id) raised while a delivery callback runs as a SystemError
+            # chained to the KafkaException: report that one, in our words.
+            cause = err.__cause__ or err.__context__
+            if isinstance(cause, KafkaException):
+                raise translate(cause, f"sending {what}s to {inbox}") from err
+            raise
 
         for index, outcome in enumerate(outcomes):
             if outcome is not None and outcome[0] is not None:

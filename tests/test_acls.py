@@ -507,10 +507,6 @@ def test_every_role_works_with_exactly_the_documented_acls_and_no_more(kafka: Se
     assert "not authorized" not in manager.output(), manager.output()[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (sagalog/client.py): a principal that may write no topic at all cannot get an idempotent "
-    "producer id; the fatal error surfaces inside producer.flush() while a delivery callback runs, as a "
-    "SystemError traceback (exit 1) instead of one 'error:' line (exit 2)"))
 def test_saga_start_as_a_principal_that_may_write_nothing_says_so_in_one_line(kafka: SecuredKafka) -> None:
     admin = kafka.admin()
     user, prefix = "saga-nowrite", "nowrite"
