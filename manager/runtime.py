@@ -374,7 +374,9 @@ class Manager:
         if p not in self._pending:
             return
         _, attempt = self._pending[p]
-        delay = min(10.0, 0.25 * 2 ** (attempt - 1))
+        # Soon again, but not in a tight loop: a check is cheap, and every second waited is a
+        # second the partition's sagas are not served.
+        delay = min(2.0, 0.25 * 2 ** (attempt - 1))
         log.warning("partition %d: takeover deferred (attempt %d): %s; next try in %.1f s", p, attempt, why, delay)
         self._schedule_takeover(p, delay, attempt + 1)
 
