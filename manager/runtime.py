@@ -220,10 +220,11 @@ class Manager:
         now = now_ms()
         for msg in messages:
             err = msg.error()
-            _, partition, _ = where(msg)
             if err is not None:
+                # Client-level errors (a poll interval exceeded, all brokers down) carry no topic,
+                # partition or offset: only a partition-EOF event has them.
                 if err.code() == KafkaError._PARTITION_EOF:
-                    caught_up = self.owned.get(partition)
+                    caught_up = self.owned.get(where(msg)[1])
                     if caught_up is not None:
                         caught_up.caught_up = True
                     continue
@@ -232,7 +233,7 @@ class Manager:
                     raise mapped
                 log.warning("%s", mapped)
                 continue
-            owned = self.owned.get(partition)
+            owned = self.owned.get(where(msg)[1])
             if owned is not None:
                 self._handle_inbox(owned, msg, now)
         for owned in list(self.owned.values()):
@@ -457,13 +458,13 @@ class Manager:
                     raise BrokerError(f"replaying log partitions {missing} did not reach their end in {self.settings.replay_timeout_s:g} s", retryable=True)
                 for msg in self.reader.consume(5000, 0.05):
                     err = msg.error()
+                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                        raise translate(err, f"replaying log partitions {partitions}")  # no position on these
                     _, partition, offset = where(msg)
                     if err is None:
                         messages[partition].append((msg.key(), msg.value(), offset))
-                    elif err.code() == KafkaError._PARTITION_EOF:
-                        ends[partition] = offset
                     else:
-                        raise translate(err, f"replaying log partitions {partitions}")
+                        ends[partition] = offset
         finally:
             self.reader.unassign()
         folds = {}

@@ -64,12 +64,12 @@ def scan(
                 raise BrokerError(f"reading {topics.log} did not reach its end within {timeout_s:g}s", retryable=True)
             for msg in consumer.consume(10000, 0.05):
                 failure = msg.error()
+                if failure is not None and failure.code() != KafkaError._PARTITION_EOF:
+                    raise translate(failure, f"reading {topics.log}")  # client-level: no position
                 _, p, offset = where(msg)
                 if failure is not None:
-                    if failure.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(p)
-                        continue
-                    raise translate(failure, f"reading {topics.log}")
+                    pending.discard(p)
+                    continue
                 if p not in pending:
                     continue  # past the end this scan promised: left for the next scan
                 value = msg.value()

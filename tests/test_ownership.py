@@ -45,13 +45,25 @@ def settings(bootstrap: str, topics: Topics, name: str, **overrides: object) -> 
 
 @contextmanager
 def running(manager: Manager) -> Iterator[Manager]:
-    thread = threading.Thread(target=manager.run, daemon=True, name=f"manager-{manager.settings.instance_id}")
+    """Run the manager in a thread; fail if its loop died of an exception (it never may)."""
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            manager.run()
+        except BaseException as err:
+            crashed.append(err)
+            raise
+
+    thread = threading.Thread(target=run, daemon=True, name=f"manager-{manager.settings.instance_id}")
     thread.start()
     try:
         yield manager
+        assert thread.is_alive() and not crashed, f"manager {manager.settings.instance_id} died: {crashed!r}"
     finally:
         manager.stop()
         thread.join(30)
+    assert not crashed, f"manager {manager.settings.instance_id} died: {crashed!r}"
 
 
 def claims(bootstrap: str, topics: Topics) -> list[tuple[int, str]]:
