@@ -163,7 +163,7 @@ def key(b: AclBinding) -> tuple[Any, ...]:
 
 
 def kafka_home() -> Path | None:
-    candidates = [os.environ.get("SAGA_KAFKA_HOME"), ROOT.parent / "shared" / "kafka", "/work/shared/kafka"]
+    candidates = [os.environ.get("SAGA_KAFKA_HOME"), ROOT.parent / "shared" / "kafka"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "kafka.sh").is_file() and (Path(candidate) / "bin").is_dir():
             return Path(candidate)
