@@ -66,7 +66,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicCollection, TopicPartition
 
@@ -193,6 +193,24 @@ class SagaSummary:
     reason: str | None
     #: Open incidents: compensations waiting for an operator (``saga retry``, ``saga resolve``).
     incidents: tuple[Incident, ...] = ()
+
+    #: The ``sagas`` columns :meth:`from_row` reads, in its order.
+    COLUMNS: ClassVar[str] = "id, partition, type, status, seq, started_ms, updated_ms, current, reason, incidents"
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> SagaSummary:
+        return cls(
+            saga_id=r[0],
+            partition=r[1],
+            saga_type=r[2],
+            status=SagaStatus(r[3]),
+            seq=r[4],
+            started_ms=r[5],
+            updated_ms=r[6],
+            current=tuple(filter(None, r[7].split(","))),
+            reason=r[8],
+            incidents=tuple(Incident.model_validate(i) for i in json.loads(r[9] or "[]")),
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -865,28 +883,11 @@ class ReadModel:
         if catch_up:
             self.catch_up()
         where, args = self._filters(status, saga_type, with_incident)
-        sql = (
-            "SELECT id, partition, type, status, seq, started_ms, updated_ms, current, reason, incidents FROM sagas"
-            f"{where} ORDER BY started_ms DESC, id"
-        )
+        sql = f"SELECT {SagaSummary.COLUMNS} FROM sagas{where} ORDER BY started_ms DESC, id"  # noqa: S608
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
-        return [
-            SagaSummary(
-                saga_id=r[0],
-                partition=r[1],
-                saga_type=r[2],
-                status=SagaStatus(r[3]),
-                seq=r[4],
-                started_ms=r[5],
-                updated_ms=r[6],
-                current=tuple(filter(None, r[7].split(","))),
-                reason=r[8],
-                incidents=tuple(Incident.model_validate(i) for i in json.loads(r[9])),
-            )
-            for r in self.db.execute(sql, args).fetchall()
-        ]
+        return [SagaSummary.from_row(r) for r in self.db.execute(sql, args).fetchall()]
 
     def count(
         self, *, status: SagaStatus | None = None, saga_type: str | None = None, with_incident: bool = False

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 from sagacli.console import timeline
 from sagalog.readmodel import HistoryEntry, ReadModel, SagaSummary
-from sagalog.records import Incident, SagaStatus
+from sagalog.records import SagaStatus
 
 STATUSES = tuple(s.value for s in SagaStatus)
 #: The read model's partial index on sagas with an open incident has this condition, word for word.
@@ -150,25 +150,10 @@ def sagas_page(model: ReadModel, filters: Filters, *, with_types: bool) -> dict[
     now_ms = int(time.time() * 1000)
     where, args = filters.where(now_ms)
     rows = model.db.execute(
-        "SELECT id, partition, type, status, seq, started_ms, updated_ms, current, reason, incidents FROM sagas"
-        f"{where} ORDER BY started_ms DESC, id LIMIT ?",  # noqa: S608 - placeholders only
+        f"SELECT {SagaSummary.COLUMNS} FROM sagas{where} ORDER BY started_ms DESC, id LIMIT ?",  # noqa: S608 - placeholders only
         [*args, filters.limit],
     ).fetchall()
-    sagas = [
-        SagaSummary(
-            saga_id=r[0],
-            partition=r[1],
-            saga_type=r[2],
-            status=SagaStatus(r[3]),
-            seq=r[4],
-            started_ms=r[5],
-            updated_ms=r[6],
-            current=tuple(filter(None, r[7].split(","))),
-            reason=r[8],
-            incidents=tuple(Incident.model_validate(i) for i in json.loads(r[9] or "[]")),
-        )
-        for r in rows
-    ]
+    sagas = [SagaSummary.from_row(r) for r in rows]
     # Counts by status among the sagas the other filters select (all of them without filters).
     other, other_args = filters.where(now_ms, with_status=False)
     by_status = dict.fromkeys(STATUSES, 0)
