@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any
@@ -134,6 +134,21 @@ class Owned:
     next_sweep_ms: int = 0
 
 
+@dataclass
+class Prepared:
+    """A takeover whose slow half (fencing, replay) is done, waiting for the group's confirmation.
+
+    Still valid however long it waits: the producer fenced every previous owner, so nobody else
+    wrote to the partition since the replay; should someone fence *us* meanwhile, the claim's
+    commit fails and the partition is taken over again from the log."""
+
+    producer: Producer
+    fold: PartitionFold
+    started: float  # monotonic s, when the takeover began
+    fenced_s: float
+    replayed_s: float
+
+
 class Manager:
     """One manager replica. ``run()`` until ``stop()``; all Kafka I/O happens on the calling thread."""
 
@@ -163,6 +178,14 @@ class Manager:
         )
         #: Assigned partitions not served yet: partition -> (due at, monotonic s; attempt).
         self._pending: dict[int, tuple[float, int]] = {}
+        #: Takeovers fencing and replaying on a worker thread: partition -> assignment generation.
+        self._preparing: dict[int, int] = {}
+        self._jobs: list[tuple[Future[dict[int, Prepared | BrokerError]], list[int]]] = []
+        #: Takeovers fenced and replayed, waiting for the group to confirm the assignment.
+        self._prepared: dict[int, Prepared] = {}
+        #: Bumped when a partition is revoked: a takeover prepared for an older assignment is void.
+        self._generation: dict[int, int] = {}
+        self._takeovers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="saga-takeover")
         self._next_audit = 0.0
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="saga-commit")
         self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
@@ -208,6 +231,8 @@ class Manager:
             self.consumer.close()  # leaves the group: the others take over without waiting for the session timeout
         except KafkaException as err:
             log.warning("closing consumer: %s", translate(err, "close"))
+        self._takeovers.shutdown(wait=True, cancel_futures=True)
+        self._prepared.clear()
         self.reader.close()
         self._writers.shutdown(wait=True)
 
@@ -253,16 +278,20 @@ class Manager:
     #
     # The group decides who owns a partition; this manager only ever follows it:
     #
-    #   assigned --(due)--> check --(group grants)--> init (fence) --> replay --> check --> SERVING
-    #      ^                  |                                                     |        |
-    #      |   not granted:   |                                 not granted: drop   |        |
-    #      +--- retry later <-+---------------------------------------------------+        |
-    #      +--- fenced / failed write, or assigned but not served (audit) <---------------+
-    #   revoked or lost: forget the partition, in any state.
+    #   assigned --(due)--> check --(group grants)--> fence + replay --> PREPARED --(check)--> claim --> SERVING
+    #      ^                  |                        (worker thread)       |                            |
+    #      |   not granted:   |                                   not yet:   | wait, keep it             |
+    #      +--- retry later <-+                                              +--> (check again soon)     |
+    #      +--- fenced / failed write, or assigned but not served (audit) <-----------------------------+
+    #   revoked or lost: forget the partition, in any state (a prepared takeover is void).
     #
     # "The group grants" is asked of the broker, not of librdkafka's local view: a manager frozen
     # past its session timeout still believes it holds its old assignment until its next poll,
     # and a takeover it finishes then would fence the rightful owner.
+    #
+    # Fencing and replay take seconds and run on a worker thread while the main loop keeps
+    # polling: a rebalance (another manager restarted) then completes at once instead of waiting
+    # for this manager's next poll, and partitions already served keep being served.
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Never take over inside the callback: takeovers block (init_transactions, replay), and
@@ -272,8 +301,15 @@ class Manager:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._pending.pop(tp.partition, None)
-            self._release(tp.partition)
+            self._forget(tp.partition)
+
+    def _forget(self, p: int) -> None:
+        """The group no longer assigns p: drop it in whatever state it is."""
+        self._pending.pop(p, None)
+        self._generation[p] = self._generation.get(p, 0) + 1  # a takeover still preparing is void
+        if self._prepared.pop(p, None) is not None:
+            log.info("partition %d: revoked before its takeover was confirmed; dropped", p)
+        self._release(p)
 
     def _assigned(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment() if tp.topic == self.topics.inbox}
@@ -303,21 +339,26 @@ class Manager:
         self._pending[p] = (time.monotonic() + delay_s, attempt)
 
     def _service_pending(self) -> None:
-        """Take over, together, every assigned partition that is due; audit the assignment."""
+        """Move every assigned partition not served yet one state on (see the diagram above)."""
         now = time.monotonic()
         if now >= self._next_audit:
             self._audit_assignment()
             if self.metrics is not None:
                 self._measure_lag()
             self._next_audit = now + 1.0
+        self._collect_prepared()
         if not self._pending:
             return
         assigned = self._assigned()
         for p in [p for p in self._pending if p not in assigned]:
-            del self._pending[p]
-        due = sorted(p for p, (at, _) in self._pending.items() if at <= now)
-        if due:
-            self._take_over_many(due)
+            self._forget(p)
+        due = sorted(p for p, (at, _) in self._pending.items() if at <= now and p not in self._preparing)
+        ready = [p for p in due if p in self._prepared]
+        fresh = [p for p in due if p not in self._prepared]
+        if ready:
+            self._claim_prepared(ready)
+        if fresh:
+            self._start_takeovers(fresh)
 
     def _audit_assignment(self) -> None:
         """Served partitions and the group's assignment must agree; repair and say so if not."""
@@ -329,9 +370,8 @@ class Manager:
             log.warning("partition %d is served but no longer assigned to this manager; releasing it", p)
             self._release(p)
 
-    def _take_over_many(self, partitions: list[int]) -> None:
-        """Take partitions over concurrently; those that fail or are not granted are retried."""
-        started = time.monotonic()
+    def _start_takeovers(self, partitions: list[int]) -> None:
+        """Check with the group, then fence and replay the granted partitions on a worker thread."""
         granted = self._group_grants(partitions)
         for p in partitions:
             if p not in granted:
@@ -340,44 +380,81 @@ class Manager:
             return
         for p in granted:
             self._release(p)
-        producers = dict(zip(granted, self._writers.map(self._fence_previous_owner, granted), strict=True))
-        ready = {p: prod for p, prod in producers.items() if not isinstance(prod, BrokerError)}
-        for p, err in producers.items():
-            if isinstance(err, BrokerError):
-                self._defer(p, str(err))
+            self._preparing[p] = self._generation.get(p, 0)
+        self._jobs.append((self._takeovers.submit(self._prepare, granted), granted))
+
+    def _prepare(self, partitions: list[int]) -> dict[int, Prepared | BrokerError]:
+        """Fence the previous owners and replay the partitions (worker thread: touches no state
+        of the main loop; its result is taken in by :meth:`_collect_prepared`)."""
+        started = time.monotonic()
+        producers = dict(zip(partitions, self._writers.map(self._fence_previous_owner, partitions), strict=True))
+        out: dict[int, Prepared | BrokerError] = {p: err for p, err in producers.items() if isinstance(err, BrokerError)}
+        ready = sorted(p for p, prod in producers.items() if not isinstance(prod, BrokerError))
         if not ready:
-            return
+            return out
         fenced_s = time.monotonic() - started
+        reader = Consumer(reader_config(self.settings.bootstrap, overrides={"group.id": f"saga-replay-{self.settings.instance_id}", **self.settings.client_overrides}))
         try:
-            folds = self._replay_many(sorted(ready))
+            folds = self._replay_many(ready, reader)
         except BrokerError as err:
-            for p in ready:
-                self._defer(p, str(err))
-            return
+            return {**out, **dict.fromkeys(ready, err)}
+        finally:
+            reader.close()
         replayed_s = time.monotonic() - started - fenced_s
-        # Check again: the replay took time, and the group may have moved on meanwhile.
-        still = set(self._group_grants(sorted(ready), {p: f.next_offset for p, f in folds.items()}))
-        for p in sorted(ready):
+        for p in ready:
+            producer = producers[p]
+            assert not isinstance(producer, BrokerError)
+            out[p] = Prepared(producer, folds[p], started, fenced_s, replayed_s)
+        return out
+
+    def _collect_prepared(self) -> None:
+        """Take in finished takeover preparations, unless their partition was revoked meanwhile."""
+        if not self._jobs:
+            return
+        done = [(job, partitions) for job, partitions in self._jobs if job.done()]
+        self._jobs = [(job, partitions) for job, partitions in self._jobs if not job.done()]
+        for job, partitions in done:
+            try:
+                results = job.result()
+            except Exception as err:  # noqa: BLE001 - a bug in a takeover must not stop the manager
+                log.exception("a takeover of partitions %s failed unexpectedly; retrying it", partitions)
+                results = dict.fromkeys(partitions, BrokerError(f"takeover failed: {type(err).__name__}: {err}", retryable=True))
+            for p, result in results.items():
+                generation = self._preparing.pop(p, None)
+                if generation != self._generation.get(p, 0) or p not in self._pending:
+                    continue  # revoked while it was preparing: the producer is simply dropped
+                if isinstance(result, BrokerError):
+                    self._defer(p, str(result))
+                else:
+                    self._prepared[p] = result
+                    self._schedule_takeover(p, 0.0, 1)
+
+    def _claim_prepared(self, partitions: list[int]) -> None:
+        """Check the grant again (fencing and replay took time, the group may have moved on), then
+        claim. Not confirmed yet: keep what was prepared and ask again soon; a revocation drops it."""
+        still = set(self._group_grants(partitions, {p: self._prepared[p].fold.next_offset for p in partitions}))
+        for p in partitions:
             if p not in still:
-                self._defer(p, "assignment moved during the takeover")
+                self._defer(p, "the group does not confirm the assignment yet", prepared=True)
                 continue
             try:
                 # After fencing, so the committed offset is final: messages fetched while the
                 # partition was not served were skipped, and are read again from there.
                 self._rewind_inbox(p)
             except BrokerError as err:
-                self._defer(p, str(err))
+                self._defer(p, str(err), prepared=True)
                 continue
             self._pending.pop(p, None)
-            self._claim(p, ready[p], folds[p], started, fenced_s, replayed_s)
+            prepared = self._prepared.pop(p)
+            self._claim(p, prepared.producer, prepared.fold, prepared.started, prepared.fenced_s, prepared.replayed_s)
 
-    def _defer(self, p: int, why: str) -> None:
+    def _defer(self, p: int, why: str, *, prepared: bool = False) -> None:
         if p not in self._pending:
             return
         _, attempt = self._pending[p]
         # Soon again, but not in a tight loop: a check is cheap, and every second waited is a
-        # second the partition's sagas are not served.
-        delay = min(2.0, 0.25 * 2 ** (attempt - 1))
+        # second the partition's sagas are not served. Once prepared, only a check remains.
+        delay = min(0.5 if prepared else 2.0, 0.1 * 2 ** (attempt - 1) if prepared else 0.25 * 2 ** (attempt - 1))
         log.warning("partition %d: takeover deferred (attempt %d): %s; next try in %.1f s", p, attempt, why, delay)
         self._schedule_takeover(p, delay, attempt + 1)
 
@@ -430,8 +507,9 @@ class Manager:
         self.stats["takeovers"] += 1
         if self.metrics is not None:
             self.metrics.took_over(p, time.monotonic() - started, replayed_s, self._replayed.get(p, 0))
-        # The rest of the time: the group check after the replay, the inbox rewind, and the claims of
-        # partitions taken over in the same batch before this one ("waiting"), then its own claim.
+        # The rest of the time ("waiting"): from the end of the replay until the group confirmed the
+        # assignment (a rebalance in progress delays it), the inbox rewind, and the claims of
+        # partitions taken over in the same batch before this one; then its own claim.
         log.info(
             "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, "
             "in %.0f ms (fencing %.0f ms, replay %.0f ms, waiting %.0f ms, claim %.0f ms)",
@@ -440,7 +518,7 @@ class Manager:
             1000 * (claim_began - started - fenced_s - replayed_s), 1000 * (time.monotonic() - claim_began),
         )  # fmt: skip
 
-    def _replay_many(self, partitions: list[int]) -> dict[int, PartitionFold]:
+    def _replay_many(self, partitions: list[int], reader: Consumer | None = None) -> dict[int, PartitionFold]:
         """Read log partitions from the beginning to their ends and rebuild their sagas.
 
         The end is the partition-EOF event, never the high watermark: some brokers (Tansu)
@@ -449,14 +527,15 @@ class Manager:
         """
         messages: dict[int, list[tuple[bytes | None, bytes | None, int]]] = {p: [] for p in partitions}
         ends: dict[int, int] = {}
-        self.reader.assign([TopicPartition(self.topics.log, p, OFFSET_BEGINNING) for p in partitions])
+        reader = reader or self.reader
+        reader.assign([TopicPartition(self.topics.log, p, OFFSET_BEGINNING) for p in partitions])
         try:
             deadline = time.monotonic() + self.settings.replay_timeout_s
             while len(ends) < len(partitions):
                 if time.monotonic() > deadline:
                     missing = sorted(set(partitions) - set(ends))
                     raise BrokerError(f"replaying log partitions {missing} did not reach their end in {self.settings.replay_timeout_s:g} s", retryable=True)
-                for msg in self.reader.consume(5000, 0.05):
+                for msg in reader.consume(5000, 0.05):
                     err = msg.error()
                     if err is not None and err.code() != KafkaError._PARTITION_EOF:
                         raise translate(err, f"replaying log partitions {partitions}")  # no position on these
@@ -466,7 +545,7 @@ class Manager:
                     else:
                         ends[partition] = offset
         finally:
-            self.reader.unassign()
+            reader.unassign()
         folds = {}
         for p in partitions:
             self._replayed[p] = len(messages[p])

@@ -1027,7 +1027,7 @@ class Participant:
     @staticmethod
     def _entry(reply: ParticipantReply) -> JournalEntry:
         return JournalEntry(reply.saga_id, reply.step, reply.action, reply.command_id, reply.outcome, reply.output,
-                            reply.error, reply.replied_ms)
+                            reply.error, reply.replied_ms, reply.epoch)
 
     def _count(self, reply: ParticipantReply) -> None:
         key = reply.outcome.value

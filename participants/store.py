@@ -50,6 +50,9 @@ class JournalEntry:
     output: str | None = None
     error: str | None = None
     recorded_ms: int = 0
+    #: The epoch of the command that took effect (None in journals written before it was kept):
+    #: lets an auditor check that no command of a fenced manager took effect after a newer one's.
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ CREATE TABLE IF NOT EXISTS saga_journal (
     output      TEXT,
     error       TEXT,
     recorded_ms INTEGER NOT NULL,
+    epoch       INTEGER,
     PRIMARY KEY (saga_id, step, action)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS saga_epochs (
@@ -185,22 +189,22 @@ class _SqliteTransaction(StoreTransaction):
 
     def journal(self, saga_id: str, step: str) -> dict[Action, JournalEntry]:
         rows = self._conn.execute(
-            "SELECT action, command_id, outcome, output, error, recorded_ms FROM saga_journal "
+            "SELECT action, command_id, outcome, output, error, recorded_ms, epoch FROM saga_journal "
             "WHERE saga_id = ? AND step = ?",
             (saga_id, step),
         ).fetchall()
         return {
             Action(action): JournalEntry(saga_id, step, Action(action), command_id, ReplyOutcome(outcome), output,
-                                         error, recorded_ms)
-            for action, command_id, outcome, output, error, recorded_ms in rows
+                                         error, recorded_ms, epoch)
+            for action, command_id, outcome, output, error, recorded_ms, epoch in rows
         }
 
     def record(self, entry: JournalEntry) -> None:
         self._conn.execute(
-            "INSERT INTO saga_journal (saga_id, step, action, command_id, outcome, output, error, recorded_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO saga_journal (saga_id, step, action, command_id, outcome, output, error, recorded_ms, epoch) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.saga_id, entry.step, entry.action.value, entry.command_id, entry.outcome.value, entry.output,
-             entry.error, entry.recorded_ms or _now_ms()),
+             entry.error, entry.recorded_ms or _now_ms(), entry.epoch),
         )
 
     def max_epoch(self, saga_id: str) -> int | None:
@@ -292,6 +296,9 @@ class SqliteStore(ParticipantStore):
         try:
             for statement in _split_sql(_SCHEMA):
                 conn.execute(statement)
+            # Journals written before the command epoch was kept get the column (empty for old rows).
+            if "epoch" not in {row[1] for row in conn.execute("PRAGMA table_info(saga_journal)")}:
+                conn.execute("ALTER TABLE saga_journal ADD COLUMN epoch INTEGER")
             if self._setup is not None:
                 self._setup(conn)
             conn.execute("COMMIT")

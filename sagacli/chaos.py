@@ -201,6 +201,7 @@ class Chaos:
         self.plan: list[PlannedSaga] = []
         self.query_seconds: list[float] = []
         self.query_errors: list[str] = []
+        self.log_epochs: dict[str, int] = {}  # saga id -> highest epoch claimed on its log partition
         self._t0 = 0.0
         self._stop = threading.Event()
         self.poison: list[tuple[str, int, int]] = []  # (topic, partition, offset) of every poison message
@@ -482,18 +483,24 @@ class Chaos:
 
     def _read_log(self) -> tuple[dict[str, str], dict[str, list[tuple[str, str]]], dict[str, dict[str, list[str]]]]:
         """Each saga's newest status, its events in log order as (event type, step), and its
-        steps' dependencies (from the pinned definition), read from the raw records."""
+        steps' dependencies (from the pinned definition), read from the raw records. On the way,
+        the highest epoch claimed on the log of each saga's partition (``self.log_epochs``)."""
         from sagalog.reader import scan
-        from sagalog.records import SagaLogRecord
+        from sagalog.records import PartitionClaim, SagaLogRecord
 
         latest: dict[str, tuple[int, str]] = {}
         events: dict[str, list[tuple[str, str]]] = {}
         dependencies: dict[str, dict[str, list[str]]] = {}
         for entry in scan(self.bootstrap, self.topics, timeout_s=120):
+        partition_epoch: dict[int, int] = {}
+        partition_of: dict[str, int] = {}
             item = entry.item
             if not isinstance(item, SagaLogRecord):
+            if isinstance(item, PartitionClaim | SagaLogRecord):
+                partition_epoch[entry.partition] = max(partition_epoch.get(entry.partition, 0), item.epoch)
                 continue
             seq, _ = latest.get(item.saga_id, (0, ""))
+            partition_of[item.saga_id] = entry.partition
             if item.seq > seq:
                 latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
             events.setdefault(item.saga_id, []).append((type(item.event).__name__, getattr(item.event, "step", "")))
@@ -505,6 +512,7 @@ class Chaos:
                     deps[step["name"]] = list(declared) if declared is not None else ([steps[i - 1]["name"]] if i else [])
                 dependencies[item.saga_id] = deps
         return {k: v for k, (_, v) in latest.items()}, events, dependencies
+        self.log_epochs = {sid: partition_epoch[p] for sid, p in partition_of.items()}
 
     def _terminal_states(self) -> dict[str, str]:
         return self._read_log()[0]
@@ -593,8 +601,8 @@ class Chaos:
         report.invariants.append(Invariant("queries answered throughout", not self.query_errors, len(self.query_errors), self.query_errors[:3]))
         report.invariants.append(Invariant(f"queries answered within {s.query_bound_s:g}s", not slow, len(slow), slow[:5]))
         # The books hold every saga on the log (a start whose acknowledgement was lost may still have begun).
-        report.invariants.extend(self._check_participants({p.saga_id: p for p in self.plan if p.saga_id in ids or p.saga_id in states}, states))
         _, events, dependencies = self._read_log()
+        report.invariants.extend(self._check_participants({p.saga_id: p for p in self.plan if p.saga_id in ids or p.saga_id in states}, states))
         disorder = self._compensation_order(events, dependencies)
         report.invariants.append(Invariant("compensations ran in reverse dependency order", not disorder, len(disorder), disorder[:10]))
         if self.poison:
@@ -617,6 +625,7 @@ class Chaos:
         wrong_holds: list[str] = []
         late: list[str] = []
         for name in PARTICIPANTS:
+        fenced: list[str] = []
             path = self.work_dir / "db" / f"{name}.db"
             expected = {
                 sid: effect
@@ -645,9 +654,21 @@ class Chaos:
                 )
                 late.extend(f"{name}:{sid}/{step}" for sid, step in rows)
             finally:
+                # A participant refuses a command older than the newest epoch it saw for the saga;
+                # a row recorded later with a lower epoch is a fenced manager's command taking effect.
+                rows = db.execute(
+                    "SELECT a.saga_id, a.step, a.action, a.epoch, b.step, b.action, b.epoch FROM saga_journal a "
+                    "JOIN saga_journal b ON b.saga_id = a.saga_id AND b.recorded_ms > a.recorded_ms AND b.epoch < a.epoch"
+                )
+                fenced.extend(f"{name}:{sid} {s1}/{a1}@{e1} then {s2}/{a2}@{e2}" for sid, s1, a1, e1, s2, a2, e2 in rows)
+                # ...and no command took effect with an epoch no manager claimed on the log.
+                for sid, epoch in db.execute("SELECT saga_id, max(epoch) FROM saga_journal GROUP BY saga_id"):
+                    if epoch is None or epoch > self.log_epochs.get(sid, 0):
+                        fenced.append(f"{name}:{sid} epoch {epoch} above every epoch on the log ({self.log_epochs.get(sid, 0)})")
                 db.close()
         return [
             Invariant("every effect taken exactly once (books balance)", not unbalanced, len(unbalanced), unbalanced[:10]),
             Invariant("completed sagas hold their effects, aborted ones none", not wrong_holds, len(wrong_holds), wrong_holds[:10]),
             Invariant("no execute took effect after its compensation", not late, len(late), late[:10]),
         ]
+            Invariant("no command of a fenced epoch took effect after the newer epoch's", not fenced, len(fenced), fenced[:10]),

@@ -45,3 +45,30 @@ def test_a_seeded_chaos_run_ends_every_saga_and_balances_every_book(bootstrap: s
     assert {f.kind for f in report.schedule} >= {"kill", "freeze", "poison"}
     assert report.meddled.get("replies", 0) > 0 and report.meddled.get("commands", 0) > 0
     assert len(report.takeovers_ms) > settings.partitions  # the faults really moved partitions
+
+
+def test_the_checker_catches_a_fenced_epochs_command_taking_effect_after_a_newer_one(tmp_path) -> None:
+    """Read from the participants' journals with plain SQL: per saga, no row recorded later than
+    another carries a lower command epoch, and no epoch is above every epoch claimed on the log."""
+    import sqlite3
+
+    from sagacli.demo import PARTICIPANTS
+
+    chaos = Chaos(ChaosSettings(seed=1, work_dir=tmp_path), echo=lambda line: None)
+    chaos.log_epochs = {"s1": 4, "s2": 4}
+    (tmp_path / "db").mkdir()
+    for i, name in enumerate(PARTICIPANTS):
+        with sqlite3.connect(tmp_path / "db" / f"{name}.db") as db:
+            db.execute("CREATE TABLE inventory_holds (saga_id TEXT, item TEXT, quantity INTEGER)")
+            db.execute("CREATE TABLE inventory_items (item TEXT, capacity INTEGER, available INTEGER)")
+            db.execute("CREATE TABLE saga_journal (saga_id TEXT, step TEXT, action TEXT, command_id TEXT, outcome TEXT, "
+                       "output TEXT, error TEXT, recorded_ms INTEGER, epoch INTEGER)")
+            if i == 0:  # executed at epoch 3, then compensated by a zombie of epoch 2
+                db.execute("INSERT INTO saga_journal VALUES ('s1', 'x', 'EXECUTE', 'c', 'SUCCESS', '{}', NULL, 100, 3)")
+                db.execute("INSERT INTO saga_journal VALUES ('s1', 'x', 'COMPENSATE', 'c', 'SUCCESS', '{}', NULL, 200, 2)")
+            if i == 1:  # an epoch no manager claimed
+                db.execute("INSERT INTO saga_journal VALUES ('s2', 'y', 'EXECUTE', 'c', 'FAILED', NULL, NULL, 100, 5)")
+    [fenced] = [inv for inv in chaos._check_participants({}, {}) if "fenced epoch" in inv.name]
+    assert not fenced.ok and fenced.count == 2
+    assert any("s1 x/EXECUTE@3 then x/COMPENSATE@2" in e for e in fenced.examples)
+    assert any("s2 epoch 5 above every epoch on the log (4)" in e for e in fenced.examples)

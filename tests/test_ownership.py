@@ -72,19 +72,26 @@ def claims(bootstrap: str, topics: Topics) -> list[tuple[int, str]]:
 
 def test_a_manager_frozen_mid_takeover_does_not_fence_the_rightful_owner(bootstrap: str, make_topics) -> None:
     topics = make_topics(partitions=1, participants=["pa", "pb"])
-    # C stops polling in the middle of its replay for longer than max.poll.interval.ms: librdkafka
-    # takes it out of the group, exactly as a session timeout does to a SIGSTOPped process.
+    # C freezes in the middle of its replay, its main loop too (as SIGSTOP freezes a process), for
+    # longer than max.poll.interval.ms: librdkafka takes it out of the group, exactly as a session
+    # timeout does to a SIGSTOPped process.
     frozen = Manager(settings(bootstrap, topics, "C", client_overrides={"max.poll.interval.ms": SESSION_MS + 1000}))
     in_replay, thaw = threading.Event(), threading.Event()
-    real_replay = frozen._replay_many
+    real_replay, real_step = frozen._replay_many, frozen.step
 
-    def replay_then_freeze(partitions: list[int]):  # type: ignore[no-untyped-def]
+    def replay_then_freeze(*args):  # type: ignore[no-untyped-def]
         if not in_replay.is_set():
             in_replay.set()
             thaw.wait(90)
-        return real_replay(partitions)
+        return real_replay(*args)
+
+    def step_unless_frozen() -> None:
+        if in_replay.is_set():
+            thaw.wait(90)
+        real_step()
 
     frozen._replay_many = replay_then_freeze  # type: ignore[method-assign]
+    frozen.step = step_unless_frozen  # type: ignore[method-assign]
     rightful = Manager(settings(bootstrap, topics, "A"))
     with running(frozen), ScriptedParticipant(bootstrap, topics, ["pa", "pb"]):
         wait_for(in_replay.is_set, 60, "C to start its takeover")

@@ -647,3 +647,36 @@ def test_codec_writes_the_contract_bytes() -> None:
     assert codec.encode(cmd) == command_vector
     assert codec.encode(reply) == reply_vector
     assert codec.decode(command_vector) == cmd
+
+
+def test_the_journal_keeps_the_epoch_of_the_command_that_took_effect(harness: Harness) -> None:
+    """The chaos checker reads it: no command of a fenced epoch took effect after a newer one's."""
+    saga = new_saga()
+    harness.send(command(saga, epoch=5, reply_topic=harness.reply_topic))
+    harness.send(command(saga, Action.COMPENSATE, epoch=6, reply_topic=harness.reply_topic))
+    harness.send(command(saga, Action.COMPENSATE, epoch=5, attempt=2, reply_topic=harness.reply_topic))  # stale
+    harness.wait_replies(saga, 3)
+    with sqlite3.connect(harness.db) as conn:
+        rows = conn.execute("SELECT action, epoch FROM saga_journal WHERE saga_id = ? ORDER BY recorded_ms, action DESC", (saga,)).fetchall()
+    assert rows == [("EXECUTE", 5), ("COMPENSATE", 6)]
+
+
+def test_a_journal_from_before_epochs_were_kept_gets_the_column(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE saga_journal (saga_id TEXT NOT NULL, step TEXT NOT NULL, action TEXT NOT NULL, "
+            "command_id TEXT NOT NULL, outcome TEXT NOT NULL, output TEXT, error TEXT, recorded_ms INTEGER NOT NULL, "
+            "PRIMARY KEY (saga_id, step, action)) WITHOUT ROWID"
+        )
+        conn.execute("INSERT INTO saga_journal VALUES ('old', 'reserve', 'EXECUTE', 'c1', 'SUCCESS', '{}', NULL, 1)")
+    store = SqliteStore(db)
+    store.open()
+    try:
+        with store.transaction() as tx:
+            assert tx.journal("old", "reserve")[Action.EXECUTE].epoch is None
+            tx.record(JournalEntry("new", "reserve", Action.EXECUTE, "c2", ReplyOutcome.SUCCESS, "{}", None, 2, 9))
+        with store.transaction() as tx:
+            assert tx.journal("new", "reserve")[Action.EXECUTE].epoch == 9
+    finally:
+        store.close()
