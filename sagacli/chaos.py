@@ -200,8 +200,8 @@ class Chaos:
         self.started: list[PlannedSaga] = []
         self.plan: list[PlannedSaga] = []
         self.query_seconds: list[float] = []
-        self.query_errors: list[str] = []
         self.log_epochs: dict[str, int] = {}  # saga id -> highest epoch claimed on its log partition
+        self.query_errors: list[str] = []
         self._t0 = 0.0
         self._stop = threading.Event()
         self.poison: list[tuple[str, int, int]] = []  # (topic, partition, offset) of every poison message
@@ -491,16 +491,16 @@ class Chaos:
         latest: dict[str, tuple[int, str]] = {}
         events: dict[str, list[tuple[str, str]]] = {}
         dependencies: dict[str, dict[str, list[str]]] = {}
-        for entry in scan(self.bootstrap, self.topics, timeout_s=120):
         partition_epoch: dict[int, int] = {}
         partition_of: dict[str, int] = {}
+        for entry in scan(self.bootstrap, self.topics, timeout_s=120):
             item = entry.item
-            if not isinstance(item, SagaLogRecord):
             if isinstance(item, PartitionClaim | SagaLogRecord):
                 partition_epoch[entry.partition] = max(partition_epoch.get(entry.partition, 0), item.epoch)
+            if not isinstance(item, SagaLogRecord):
                 continue
-            seq, _ = latest.get(item.saga_id, (0, ""))
             partition_of[item.saga_id] = entry.partition
+            seq, _ = latest.get(item.saga_id, (0, ""))
             if item.seq > seq:
                 latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
             events.setdefault(item.saga_id, []).append((type(item.event).__name__, getattr(item.event, "step", "")))
@@ -511,8 +511,8 @@ class Chaos:
                     declared = step.get("depends_on")
                     deps[step["name"]] = list(declared) if declared is not None else ([steps[i - 1]["name"]] if i else [])
                 dependencies[item.saga_id] = deps
-        return {k: v for k, (_, v) in latest.items()}, events, dependencies
         self.log_epochs = {sid: partition_epoch[p] for sid, p in partition_of.items()}
+        return {k: v for k, (_, v) in latest.items()}, events, dependencies
 
     def _terminal_states(self) -> dict[str, str]:
         return self._read_log()[0]
@@ -600,8 +600,8 @@ class Chaos:
         slow = [f"{q:.1f}s" for q in self.query_seconds if q > s.query_bound_s]
         report.invariants.append(Invariant("queries answered throughout", not self.query_errors, len(self.query_errors), self.query_errors[:3]))
         report.invariants.append(Invariant(f"queries answered within {s.query_bound_s:g}s", not slow, len(slow), slow[:5]))
-        # The books hold every saga on the log (a start whose acknowledgement was lost may still have begun).
         _, events, dependencies = self._read_log()
+        # The books hold every saga on the log (a start whose acknowledgement was lost may still have begun).
         report.invariants.extend(self._check_participants({p.saga_id: p for p in self.plan if p.saga_id in ids or p.saga_id in states}, states))
         disorder = self._compensation_order(events, dependencies)
         report.invariants.append(Invariant("compensations ran in reverse dependency order", not disorder, len(disorder), disorder[:10]))
@@ -624,8 +624,8 @@ class Chaos:
         unbalanced: list[str] = []
         wrong_holds: list[str] = []
         late: list[str] = []
-        for name in PARTICIPANTS:
         fenced: list[str] = []
+        for name in PARTICIPANTS:
             path = self.work_dir / "db" / f"{name}.db"
             expected = {
                 sid: effect
@@ -653,7 +653,6 @@ class Chaos:
                     "WHERE e.action = 'EXECUTE' AND e.outcome = 'SUCCESS' AND e.recorded_ms > c.recorded_ms"
                 )
                 late.extend(f"{name}:{sid}/{step}" for sid, step in rows)
-            finally:
                 # A participant refuses a command older than the newest epoch it saw for the saga;
                 # a row recorded later with a lower epoch is a fenced manager's command taking effect.
                 rows = db.execute(
@@ -665,10 +664,11 @@ class Chaos:
                 for sid, epoch in db.execute("SELECT saga_id, max(epoch) FROM saga_journal GROUP BY saga_id"):
                     if epoch is None or epoch > self.log_epochs.get(sid, 0):
                         fenced.append(f"{name}:{sid} epoch {epoch} above every epoch on the log ({self.log_epochs.get(sid, 0)})")
+            finally:
                 db.close()
         return [
             Invariant("every effect taken exactly once (books balance)", not unbalanced, len(unbalanced), unbalanced[:10]),
             Invariant("completed sagas hold their effects, aborted ones none", not wrong_holds, len(wrong_holds), wrong_holds[:10]),
             Invariant("no execute took effect after its compensation", not late, len(late), late[:10]),
-        ]
             Invariant("no command of a fenced epoch took effect after the newer epoch's", not fenced, len(fenced), fenced[:10]),
+        ]
