@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagacli.demo import PARTICIPANTS, Child, PlannedSaga, plan_sagas
+from sagacli.demo import PARTICIPANTS, PlannedSaga, plan_sagas
+from sagacli.process import Child, sagacli_command
 from sagalog.config import Topics
 from sagalog.errors import ConfigError, SagaError
 
@@ -224,7 +225,7 @@ class Chaos:
             "--wait-for-broker", "120",  # restarted while the broker restarts too: wait, as under a supervisor
             *[arg for path in default_definitions() for arg in ("--definitions", str(path))],
         ]  # fmt: skip
-        return Child(name, args, self.work_dir / f"manager-{name}.log")
+        return Child(name, sagacli_command(*args), self.work_dir / f"manager-{name}.log")
 
     def _participants(self) -> Child:
         s = self.settings
@@ -234,7 +235,7 @@ class Chaos:
             "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
             "--session-timeout-ms", str(s.session_timeout_ms), "--wait-for-broker", "120",
         ]  # fmt: skip
-        return Child("participants", args, self.work_dir / "participants.log")
+        return Child("participants", sagacli_command(*args), self.work_dir / "participants.log")
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0

@@ -43,8 +43,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -52,13 +50,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from sagacli.process import Child, sagacli_command
 from sagalog.config import Topics
 from sagalog.errors import ConfigError, SagaError
 from sagalog.records import SagaStatus
@@ -189,108 +188,6 @@ def plan_sagas(count: int, seed: int) -> list[PlannedSaga]:
             payload = {"customer": rng.choice(CUSTOMERS), "amount": rng.randint(10, 200), "card": card}
             out.append(PlannedSaga(f"order-{i:04d}", "place-order", payload))
     return out
-
-
-# --- child processes --------------------------------------------------------------------------
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Children die with the demo even if it is SIGKILLed (the broker's hook, reused)."""
-    from sagalog.broker import die_with_parent_hook
-
-    return die_with_parent_hook()  # type: ignore[return-value]
-
-
-@dataclass(eq=False)  # identity: a process is itself, not its fields
-class Child:
-    """A process the demo started: ``python -m sagacli ARGS`` with its output in a log file."""
-
-    name: str
-    args: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    killed: bool = False
-    frozen: bool = False
-    _log: IO[bytes] | None = None
-
-    def start(self) -> Child:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.killed = False
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sagacli", *self.args],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            # Own session: Ctrl-C reaches the demo only, which then stops children in order.
-            start_new_session=True,
-            preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only sets the parent-death signal
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye, no offset commit, no leave-group; the others must notice."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
-        self.killed = True
-
-    def freeze(self) -> None:
-        """SIGSTOP: alive but silent (no heartbeat, no write), like a long GC pause or a VM stall."""
-        if self.alive:
-            os.kill(self.pid, signal.SIGSTOP)
-            self.frozen = True
-
-    def thaw(self) -> None:
-        """SIGCONT: it carries on where it stopped, unaware of the time that passed."""
-        if self.frozen and self.alive:
-            os.kill(self.pid, signal.SIGCONT)
-        self.frozen = False
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        if self.frozen:
-            self.thaw()  # a stopped process would not act on SIGTERM
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return None if self.proc is None else self.proc.returncode
-
-    def tail(self, lines: int = 8) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -449,10 +346,10 @@ class Demo:
         self.events.append(line)
         self.console.print(escape(line))
 
-    def _manager_args(self) -> list[str]:
+    def _manager_command(self) -> list[str]:
         from sagacli.cli.manager import default_definitions
 
-        return [
+        return sagacli_command(
             "manager",
             "--bootstrap-servers", self.bootstrap,
             "--topic-prefix", self.topics.prefix,
@@ -461,7 +358,7 @@ class Demo:
             "--session-timeout-ms", str(self.settings.session_timeout_ms),
             *[arg for path in default_definitions() for arg in ("--definitions", str(path))],
             "--log-level", "INFO",
-        ]  # fmt: skip
+        )  # fmt: skip
 
     # -- phases --------------------------------------------------------------------------
 
@@ -511,7 +408,7 @@ class Demo:
         self.event(f"topics with prefix {self.topics.prefix!r} ready: {s.partitions} partitions")
         self.participants = Child(
             "participants",
-            [
+            sagacli_command(
                 "participant", "run", *PARTICIPANTS,
                 "--db-dir", str(self.work_dir / "db"),
                 "--failure-rate", str(s.failure_rate),
@@ -519,12 +416,12 @@ class Demo:
                 "--bootstrap-servers", self.bootstrap,
                 "--topic-prefix", self.topics.prefix,
                 "--session-timeout-ms", str(s.session_timeout_ms),
-            ],
+            ),
             self.work_dir / "participants.log",
         ).start()  # fmt: skip
         self.processes["participants"] = [self.participants.pid]
         for i in range(1, s.replicas + 1):
-            self._start_manager(Child(f"m{i}", self._manager_args(), self.work_dir / f"manager-m{i}.log"))
+            self._start_manager(Child(f"m{i}", self._manager_command(), self.work_dir / f"manager-m{i}.log"))
         self.event(
             f"started {s.replicas} managers ({', '.join(f'{m.name}: pid {m.pid}' for m in self.managers)}) "
             f"and the participants {', '.join(PARTICIPANTS)} (pid {self.participants.pid})"
@@ -587,10 +484,10 @@ class Demo:
     def _watch_children(self) -> None:
         for child in [*self.managers, *([self.participants] if self.participants else [])]:
             if child.proc is not None and not child.alive and not child.killed:
-                line = f"{child.name} (pid {child.pid}) exited on its own with code {child.proc.returncode}"
+                line = f"{child.name} (pid {child.pid}) exited on its own with code {child.returncode}"
                 if line not in self.unexpected_exits:
                     self.unexpected_exits.append(line)
-                    self.event(f"[warning] {line}; last output:\n{child.tail()}")
+                    self.event(f"[warning] {line}; last output:\n{child.tail(8)}")
 
     def _drive(self) -> None:
         """Start sagas at the rate, kill and restart a manager, freeze and wake another, until every
@@ -753,7 +650,7 @@ class Demo:
         """Every takeover the managers logged: (manager name, partition, epoch, live sagas resumed)."""
         found: list[tuple[str, int, int, int]] = []
         for m in self.managers:
-            for match in TAKEOVER_LINE.finditer(m.log_since(0)):
+            for match in TAKEOVER_LINE.finditer(m.output()):
                 found.append((m.name, int(match["partition"]), int(match["epoch"]), int(match["resumed"])))
         return found
 
@@ -962,7 +859,7 @@ class Demo:
         if z.rejoined_after_s is not None:
             return
         if z.noticed_after_s is None:
-            first = LOG_PROBLEM.search(zombie.log_since(self._wake_log_offset))
+            first = LOG_PROBLEM.search(zombie.output(self._wake_log_offset))
             if first is not None:
                 z.noticed_after_s = self.elapsed() - z.continued_at_s
                 self.event(f"{z.name} notices, {z.noticed_after_s:.1f} s after waking: {first['message'][:140]}")
@@ -1009,7 +906,7 @@ class Demo:
                         rejected += 1
         z.stale_rejected, z.stale_accepted = rejected, accepted
         zombie = next(m for m in self.managers if m.name == z.name)
-        woke = zombie.log_since(self._wake_log_offset)
+        woke = zombie.output(self._wake_log_offset)
         z.fenced_lines = sum(1 for line in woke.lower().splitlines() if "fenced" in line)
         z.deferred_lines = sum(1 for line in woke.lower().splitlines() if "deferred" in line)
         z.woke_log = [m["message"][:160] for m in LOG_PROBLEM.finditer(woke)][:4]
@@ -1266,11 +1163,11 @@ class Demo:
             port = free_port()
         child = Child(
             "console",
-            [
+            sagacli_command(
                 "console", "-b", self.bootstrap, "--topic-prefix", self.topics.prefix,
                 "--group-id", f"{self.topics.prefix}-managers", "--port", str(port),
                 "--state-dir", str(self.work_dir / "console-state"),
-            ],
+            ),
             self.work_dir / "console.log",
         ).start()  # fmt: skip
         self.web_console = child

@@ -9,26 +9,35 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
+
+from sagacli.process import Child, sagacli_command, stop_all
 
 log = logging.getLogger("saga.supervisor")
 
 
 class Supervisor:
     def __init__(self, replica_args: Sequence[str], replicas: int, *, restart: bool = False) -> None:
-        self.replica_args = list(replica_args)
-        self.replicas = replicas
         self.restart = restart
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        # Unlike the demo's children, replicas stay in the supervisor's terminal and session: their
+        # output is its output, and a Ctrl-C reaches them as it reaches the supervisor. Nor do they
+        # die with it: a supervisor that is SIGKILLed leaves its replicas running.
+        self.replicas = [
+            Child(
+                f"replica {i}",
+                sagacli_command("manager", *_metrics_port_of_replica(list(replica_args), i)),
+                log_path=None,
+                own_session=False,
+                die_with_parent=False,
+            )
+            for i in range(replicas)
+        ]
         self.running = True
 
     def _spawn(self, index: int) -> None:
-        cmd = [sys.executable, "-m", "sagacli", "manager", *_metrics_port_of_replica(self.replica_args, index)]
-        self.procs[index] = subprocess.Popen(cmd)
-        log.info("replica %d started (pid %d)", index, self.procs[index].pid)
+        replica = self.replicas[index].start()
+        log.info("replica %d started (pid %d)", index, replica.pid)
 
     def stop(self, *_: object) -> None:
         self.running = False
@@ -36,35 +45,28 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        for i in range(self.replicas):
+        for i in range(len(self.replicas)):
             self._spawn(i)
         failures = 0
         restart_at: dict[int, float] = {}
         while self.running:
-            for i, proc in list(self.procs.items()):
-                code = proc.poll()
+            for i, replica in enumerate(self.replicas):
+                code = replica.returncode
                 if code is None or i in restart_at:
                     continue
                 failures += 1
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-                log.error("replica %d (pid %d) stopped: %s%s", i, proc.pid, how, "; restarting" if self.restart else "")
+                log.error("replica %d (pid %d) stopped: %s%s", i, replica.pid, how, "; restarting" if self.restart else "")
                 if self.restart:
                     restart_at[i] = time.monotonic() + 1.0
             for i, at in list(restart_at.items()):
                 if time.monotonic() >= at:
                     del restart_at[i]
                     self._spawn(i)
-            if not self.restart and all(p.poll() is not None for p in self.procs.values()):
+            if not self.restart and not any(replica.alive for replica in self.replicas):
                 break
             time.sleep(0.2)  # a supervisor's watch interval, not synchronisation
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(self.replicas)  # SIGTERM to every replica, SIGKILL to those still there 10 s later
         return 1 if failures and not self.restart else 0
 
 

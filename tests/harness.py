@@ -6,10 +6,6 @@ The scripted participant is deliberately written against ``schemas/`` + raw conf
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +14,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from sagacli.process import Child, sagacli_command
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.fold import SagaState
@@ -40,50 +37,18 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-class ManagerProcess:
+class ManagerProcess(Child):
     """``saga manager`` as a real OS process, so it can be SIGKILLed and SIGSTOPped."""
 
     def __init__(self, bootstrap: str, topics: Topics, definitions: Path, log_dir: Path, name: str, *, partitions: int = 4, session_timeout_ms: int = 6000, extra: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.args = [
-            sys.executable, "-m", "sagacli", "manager",
+        command = sagacli_command(
+            "manager",
             "-b", bootstrap, "--topic-prefix", topics.prefix, "--group-id", f"{topics.prefix}-managers",
             "--definitions", str(definitions), "--partitions", str(partitions),
             "--session-timeout-ms", str(session_timeout_ms), "--log-level", "INFO", *extra,
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ManagerProcess:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode if self.proc else None
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        )  # fmt: skip
+        # A generous grace: tests assert a clean exit (0), also on a busy machine.
+        super().__init__(name, command, log_dir / f"{name}.log", stop_grace_s=20.0)
 
 
 Behaviour = Callable[[ParticipantCommand], Iterable[ParticipantReply]]

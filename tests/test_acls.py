@@ -32,10 +32,8 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -59,6 +57,7 @@ from confluent_kafka.admin import (
     UserScramCredentialUpsertion,
 )
 
+from sagacli.process import Child, sagacli_command
 from sagalog.codec import Codec
 from sagalog.kafka import producer_config
 from sagalog.records import Action, DeadLetter, ParticipantReply, ReplyOutcome
@@ -278,39 +277,21 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval
 
 def cli_args(kafka: SecuredKafka, user: str, *args: str, secret: str | None = None) -> list[str]:
     settings = [f"{k}={v}" for k, v in sasl(user, secret).items()]
-    return [sys.executable, "-m", "sagacli", *args, "-b", kafka.bootstrap, "--topic-prefix", PREFIX,
-            *(part for setting in settings for part in ("-X", setting))]
+    return sagacli_command(*args, "-b", kafka.bootstrap, "--topic-prefix", PREFIX,
+                           *(part for setting in settings for part in ("-X", setting)))
 
 
 def saga(kafka: SecuredKafka, user: str, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cli_args(kafka, user, *args), capture_output=True, text=True, timeout=timeout_s)
 
 
-class Process:
-    """A long-running ``saga`` command (manager, participant) with its output in a file."""
+class Process(Child):
+    """A long-running ``saga`` command (manager, participant) with its output in a file, started at once."""
 
     def __init__(self, kafka: SecuredKafka, user: str, log: Path, *args: str) -> None:
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cli_args(kafka, user, *args), stdout=self._out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
-        return self.proc.returncode
+        # A generous grace: the test asserts a clean exit (0), also on a busy machine.
+        super().__init__(log.stem, cli_args(kafka, user, *args), log, stop_grace_s=60.0)
+        self.start()
 
 
 def consumer_error(kafka: SecuredKafka, user: str, group: str, topic: str) -> KafkaError:
@@ -499,7 +480,7 @@ def test_every_role_works_with_exactly_the_documented_acls_and_no_more(kafka: Se
         assert "not authorized for the consumer group" in lines["status as the manager"], lines
         assert "not authorized for a topic" in lines["start as the manager"], lines
 
-        assert manager.alive(), manager.output()[-3000:]
+        assert manager.alive, manager.output()[-3000:]
     finally:
         participant.stop()
         code = manager.stop()

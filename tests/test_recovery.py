@@ -84,7 +84,7 @@ def test_kill_one_of_three_managers_every_saga_finishes(cluster) -> None:
         killed_at = time.monotonic()
         assert_all_completed_once(bootstrap, topics, ids, p)
         took = time.monotonic() - killed_at
-    assert all(m.alive() for m in managers[1:])
+    assert all(m.alive for m in managers[1:])
     assert took < 60, f"takeover and completion took {took:.1f}s"
 
 
@@ -128,4 +128,4 @@ def test_zombie_manager_causes_no_contradicting_effect(cluster) -> None:
         # The zombie woke, met the new epoch, and keeps running (it rejoins the group).
         wait_for(lambda: "fenced" in zombie.output().lower() or "released partition" in zombie.output(), 30, "the zombie to notice it lost its partitions")
     assert frozen_owner_count == 6
-    assert zombie.alive() and survivor.alive()
+    assert zombie.alive and survivor.alive

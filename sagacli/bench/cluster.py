@@ -1,143 +1,27 @@
-"""The processes a benchmark starts (managers, participants, profilers) and their cleanup.
+"""The deployments a benchmark starts (managers, participants) and their cleanup.
 
-Every child is started through the project's CLI (``python -m sagacli ...``) in its own
+Every child is started through the project's CLI (``python -m sagacli ...``) as a
+:class:`sagacli.process.Child`, owned by the run's :class:`sagacli.process.Processes`: in its own
 session, so a Ctrl-C in the terminal reaches only the bench, which then kills its children in
-order. On Linux the children also get PR_SET_PDEATHSIG: if the bench itself is SIGKILLed, they
-die with it instead of loading the machine forever.
+order; on Linux it also dies with the bench if the bench itself is SIGKILLed, instead of loading
+the machine forever.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from sagacli.process import Child, Processes, sagacli_command
 from sagalog.config import Topics
 from sagalog.kafka import admin_client
 from sagalog.topics import ensure_topics, quiet_client
-
-PYTHON = sys.executable
-
-
-def _die_with_parent() -> object | None:
-    """preexec hook: SIGKILL the child when the bench dies (Linux; main thread only)."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
-
-
-@dataclass
-class Child:
-    """One child process and its log file."""
-
-    name: str
-    argv: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def instance_id(self) -> str:
-        """What a manager started this way calls itself (ManagerSettings.instance_id)."""
-        return f"{socket.gethostname()}-{self.pid}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL (also used for cleanup: every topic a bench writes is thrown away)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-
-    def tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
-
-    def rss_bytes(self) -> int:
-        """Resident memory now (``VmRSS`` of /proc/<pid>/status)."""
-        return _status_kb(self.pid, "VmRSS") * 1024
-
-
-def _status_kb(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise LookupError(f"{key} not in /proc/{pid}/status")
-
-
-@dataclass
-class Processes:
-    """Owns every child of a run; :meth:`close` kills whatever is still running (idempotent)."""
-
-    log_dir: Path
-    children: list[Child] = field(default_factory=list)
-
-    def spawn(self, name: str, argv: list[str], *, env: dict[str, str] | None = None) -> Child:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,
-            preexec_fn=_die_with_parent(),  # type: ignore[arg-type]
-        )
-        child = Child(name, argv, log_path, proc, log)
-        self.children.append(child)
-        return child
-
-    def close(self, children: Iterable[Child] | None = None) -> None:
-        for child in list(self.children if children is None else children):
-            child.kill()
-            child.log.close()
-            if child in self.children:
-                self.children.remove(child)
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class ChildDied(RuntimeError):
@@ -175,8 +59,8 @@ class Deployment:
         n = len(self.managers) + 1
         child = self.procs.spawn(
             f"{self.prefix}-manager-{n}",
-            [
-                PYTHON, "-m", "sagacli", "manager",
+            sagacli_command(
+                "manager",
                 "-b", self.bootstrap,
                 "--topic-prefix", self.prefix,
                 "--group-id", f"{self.prefix}-managers",
@@ -185,7 +69,7 @@ class Deployment:
                 "--session-timeout-ms", str(self.session_timeout_ms),
                 "--log-level", self.manager_log_level,
                 *self.manager_args,
-            ],
+            ),
             env=self.env,
         )
         self.managers.append(child)
@@ -195,15 +79,15 @@ class Deployment:
         n = len(self.workers) + 1
         child = self.procs.spawn(
             f"{self.prefix}-participant-{n}",
-            [
-                PYTHON, "-m", "sagacli", "participant", "run", name,
+            sagacli_command(
+                "participant", "run", name,
                 "-b", self.bootstrap,
                 "--topic-prefix", self.prefix,
                 "--db-dir", str(self.procs.log_dir / f"{self.prefix}-db"),
                 "--session-timeout-ms", str(self.session_timeout_ms),
                 "--log-level", "WARNING",
                 *self.participant_args,
-            ],
+            ),
             env=self.env,
         )
         self.workers.append(child)
@@ -211,8 +95,8 @@ class Deployment:
 
     def check_alive(self) -> None:
         for child in self.managers + self.workers:
-            if not child.alive() and child.proc.returncode != -signal.SIGKILL:
-                raise ChildDied(f"{child.name} exited with code {child.proc.returncode}; its log:\n{child.tail()}")
+            if not child.alive and child.returncode != -signal.SIGKILL:
+                raise ChildDied(f"{child.name} exited with code {child.returncode}; its log:\n{child.tail()}")
 
     def stop(self) -> None:
         self.procs.close(self.managers + self.workers)

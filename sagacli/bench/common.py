@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sagacli.bench.cluster import Processes
 from sagacli.bench.config import BenchConfig
+from sagacli.process import Processes
 from sagalog.codec import Codec
 
 

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sagacli.bench.cluster import Child
 from sagacli.bench.common import Context
 from sagacli.bench.load import saga_ids
 from sagacli.bench.sagas import Rig
+from sagacli.process import Child
 
 HOLD_DEFINITION = """\
 # Written by saga bench (memory part): the participant never runs, so sagas stay live.

@@ -24,8 +24,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from sagacli.bench.cluster import Child
 from sagacli.bench.common import Context
+from sagacli.process import Child
 
 _KAFKA_CALL = re.compile(
     r"\.(consume|poll|commit_transaction|send_offsets_to_transaction|begin_transaction|abort_transaction|produce|"
@@ -68,7 +68,7 @@ class Recorder:
     def __exit__(self, *exc: object) -> None:
         for name, spy in self._spies.items():
             try:
-                spy.proc.wait(self.seconds + 30)
+                spy.wait(self.seconds + 30)
             except Exception:  # noqa: BLE001 - a profiler that hangs must not hang the bench
                 spy.kill()
             self.ctx.procs.close([spy])

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from sagacli.bench import ceiling, memory, observability, query, recovery, replay, report, sagas
-from sagacli.bench.cluster import Processes
 from sagacli.bench.common import Context, Progress, loadavg
 from sagacli.bench.config import PARTS, BenchConfig
+from sagacli.process import Processes
 from sagalog.kafka import session_timeout_bounds
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

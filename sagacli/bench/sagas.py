@@ -35,10 +35,11 @@ from typing import Any
 
 from participants.examples import EXAMPLE_DEFINITIONS_DIR
 from sagacli.bench import profile as profiling
-from sagacli.bench.cluster import Child, Deployment, wait_until
+from sagacli.bench.cluster import Deployment, wait_until
 from sagacli.bench.common import Context, CpuMeter, messages_per_saga, summary
 from sagacli.bench.load import Generator, HopTracer, LogTailer, Sent, now_ms, saga_ids
 from sagacli.bench.wire import StartEncoder
+from sagacli.process import Child
 from sagalog.definition import DefinitionSet, SagaDefinition
 
 BENCH_DEFINITIONS = EXAMPLE_DEFINITIONS_DIR / "bench.yaml"
@@ -176,8 +177,8 @@ class Rig:
         d = self.deployment
         return CpuMeter(
             {
-                "managers": [m.pid for m in d.managers if m.alive()],
-                "participants": [w.pid for w in d.workers if w.alive()],
+                "managers": [m.pid for m in d.managers if m.alive],
+                "participants": [w.pid for w in d.workers if w.alive],
                 "broker": [self.ctx.broker_pid] if self.ctx.broker_pid else [],
                 "bench": [os.getpid()],
             }
