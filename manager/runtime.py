@@ -2,12 +2,13 @@
 
 One consumer group on the inbox. Owning inbox partition p means owning log partition p:
 
-1. **Take over** (after assignment, in the main loop, once the broker confirms the group grants
-   the partition): create the partition's transactional producer (``transactional.id =
-   <group>.<log topic>.<p>``; ``init_transactions`` fences any previous owner, zombie or not),
-   replay log partition p to its end, check the grant again, claim it with epoch = highest epoch
-   seen + 1, re-send every outstanding command and re-arm every deadline. The ownership rules,
-   as a state diagram, are in docs/ARCHITECTURE.md and above ``_on_assign``.
+1. **Take over** (after assignment, once the broker confirms the group grants the partition):
+   on a worker thread, create the partition's transactional producer (``transactional.id =
+   <group>.<log topic>.<p>``; ``init_transactions`` fences any previous owner, zombie or not) and
+   replay log partition p to its end; then, in the main loop, check the grant again, claim it
+   with epoch = highest epoch seen + 1, re-send every outstanding command and re-arm every
+   deadline. The ownership rules, as a state diagram, are in docs/ARCHITECTURE.md and above
+   ``_on_assign``.
 2. **Work**: each poll's messages are grouped by partition; decisions are made in memory; then per
    partition, ONE transaction carries the log records, the commands, any dead letters and the
    inbox offsets. Write-ahead holds because consumers read ``read_committed``: a command is only
@@ -144,6 +145,8 @@ class Prepared:
 
     producer: Producer
     fold: PartitionFold
+    #: Where the inbox partition is read again from: its committed offset, final once fenced.
+    inbox_offset: TopicPartition
     started: float  # monotonic s, when the takeover began
     fenced_s: float
     replayed_s: float
@@ -393,18 +396,29 @@ class Manager:
         if not ready:
             return out
         fenced_s = time.monotonic() - started
-        reader = Consumer(reader_config(self.settings.bootstrap, overrides={"group.id": f"saga-replay-{self.settings.instance_id}", **self.settings.client_overrides}))
+        # The managers' group id: never subscribed, never committing, this reader only fetches the
+        # group's committed inbox offsets (an OffsetFetch needs no membership).
+        reader = Consumer(reader_config(self.settings.bootstrap, overrides={"group.id": self.settings.group_id, **self.settings.client_overrides}))
         try:
             folds = self._replay_many(ready, reader)
+            # After fencing, the committed offsets are final: the previous owner's open transaction
+            # (and the offsets it would have committed) is aborted, and nobody else can commit them.
+            committed = reader.committed([TopicPartition(self.topics.inbox, p) for p in ready], timeout=10)
+        except KafkaException as err:
+            return {**out, **dict.fromkeys(ready, translate(err, f"reading the committed inbox offsets of {ready}"))}
         except BrokerError as err:
             return {**out, **dict.fromkeys(ready, err)}
         finally:
             reader.close()
         replayed_s = time.monotonic() - started - fenced_s
+        inbox_offsets = {tp.partition: tp for tp in committed}
         for p in ready:
             producer = producers[p]
             assert not isinstance(producer, BrokerError)
-            out[p] = Prepared(producer, folds[p], started, fenced_s, replayed_s)
+            offset = inbox_offsets[p]
+            if offset.offset < 0:  # nothing committed yet: from the beginning
+                offset = TopicPartition(self.topics.inbox, p, OFFSET_BEGINNING)
+            out[p] = Prepared(producer, folds[p], offset, started, fenced_s, replayed_s)
         return out
 
     def _collect_prepared(self) -> None:
@@ -432,17 +446,21 @@ class Manager:
     def _claim_prepared(self, partitions: list[int]) -> None:
         """Check the grant again (fencing and replay took time, the group may have moved on), then
         claim. Not confirmed yet: keep what was prepared and ask again soon; a revocation drops it."""
+        checked = time.monotonic()
         still = set(self._group_grants(partitions, {p: self._prepared[p].fold.next_offset for p in partitions}))
+        checked_s = time.monotonic() - checked
+        if checked_s > 1.0:
+            log.warning("partitions %s: the group check took %.1f s", partitions, checked_s)
         for p in partitions:
             if p not in still:
                 self._defer(p, "the group does not confirm the assignment yet", prepared=True)
                 continue
             try:
-                # After fencing, so the committed offset is final: messages fetched while the
-                # partition was not served were skipped, and are read again from there.
-                self._rewind_inbox(p)
-            except BrokerError as err:
-                self._defer(p, str(err), prepared=True)
+                # Messages fetched while the partition was not served were skipped, and messages
+                # decided in a transaction that failed were not committed: read again from there.
+                self.consumer.seek(self._prepared[p].inbox_offset)
+            except KafkaException as err:
+                self._defer(p, str(translate(err, f"rewinding inbox partition {p}")), prepared=True)
                 continue
             self._pending.pop(p, None)
             prepared = self._prepared.pop(p)
@@ -795,15 +813,6 @@ class Manager:
             if high is not None and high >= 0 and position is not None and position >= 0:
                 lag[p] = max(0, high - position)
         self._lag = lag
-
-    def _rewind_inbox(self, p: int) -> None:
-        """Seek the inbox partition back to its committed offset: messages read since then were
-        either decided in a transaction that failed, or skipped while the partition was unowned."""
-        try:
-            committed = self.consumer.committed([TopicPartition(self.topics.inbox, p)], timeout=10)[0]
-            self.consumer.seek(committed if committed.offset >= 0 else TopicPartition(self.topics.inbox, p, OFFSET_BEGINNING))
-        except KafkaException as err:
-            raise translate(err, f"rewinding inbox partition {p}") from err
 
 
 def _traced_input(item: object, msg: Message, decision: decide.Decision) -> tuple[decide.Decision, tuple[str, Action, Any] | None]:
