@@ -212,6 +212,8 @@ class Chaos:
         self.refused_starts: list[str] = []
         #: While the broker is down (a broker fault) and shortly after, queries may fail: not counted.
         self._broker_down_until = 0.0
+        self._broker_kills = 0  # a restart only ends the downtime if no kill came after it began
+        self._broker_lock = threading.Lock()
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -407,7 +409,9 @@ class Chaos:
             return None
 
     def _kill_broker(self) -> None:
-        self._broker_down_until = float("inf")
+        with self._broker_lock:
+            self._broker_kills += 1
+            self._broker_down_until = float("inf")
         pid = self._kafka_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -416,9 +420,14 @@ class Chaos:
     def _start_broker(self) -> None:
         assert self.settings.kafka_sh is not None
         port = self.bootstrap.rsplit(":", 1)[-1]
+        kills = self._broker_kills
         subprocess.run([str(self.settings.kafka_sh), "start", port], check=False, timeout=180,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._broker_down_until = time.monotonic() + 15.0  # clients reconnect and groups settle
+        with self._broker_lock:
+            # Restarts take 7-30 s here, faults come every 5-9 s: a kill may have hit the broker
+            # while this start waited for it. Then the broker is down still, until a later start.
+            if kills == self._broker_kills:
+                self._broker_down_until = time.monotonic() + 15.0  # clients reconnect and groups settle
 
     def _meddle(self) -> None:
         """Send a copy of a share of the replies (inbox) and commands again, 0.2-3 s later: the
