@@ -6,7 +6,8 @@ test can hold one at an exact point) in a real consumer group on the test broker
 * a manager frozen in the middle of a takeover while the group gives the partition to another
   must not finish that takeover (it would fence the rightful owner);
 * a manager fenced by a takeover the group did not ask for takes its partition back;
-* a manager killed with a transaction open does not stall its successor, nor queries.
+* a manager killed with a transaction open does not stall its successor, nor queries;
+* a manager slow to take over holds up neither the group's rebalances nor another manager.
 """
 
 from __future__ import annotations
@@ -127,6 +128,43 @@ def test_a_manager_fenced_by_an_unasked_takeover_takes_its_partition_back(bootst
     finally:
         intruder.close()
     assert [owner for _, owner in claims(bootstrap, topics)] == ["B", "Z", "B"]
+
+
+def test_a_slow_takeover_holds_up_neither_the_group_nor_another_manager(bootstrap: str, make_topics) -> None:
+    """Seed 101 of the long chaos run (docs/RELIABILITY.md): takeovers that blocked the main loop
+    held up every rebalance around them (a revocation is served by the loop's poll), so a
+    restarted manager waited 10-16 s for partitions. Fencing and replay now run on a worker thread."""
+    topics = make_topics(partitions=2, participants=["pa", "pb"])
+    slow = Manager(settings(bootstrap, topics, "S"))
+    in_replay, release = threading.Event(), threading.Event()
+    real_replay = slow._replay_many
+
+    def held_replay(*args):  # type: ignore[no-untyped-def]
+        in_replay.set()
+        release.wait(90)
+        return real_replay(*args)
+
+    slow._replay_many = held_replay  # type: ignore[method-assign]
+    other = Manager(settings(bootstrap, topics, "B"))
+    try:
+        with running(slow), ScriptedParticipant(bootstrap, topics, ["pa", "pb"]):
+            wait_for(in_replay.is_set, 60, "S to start taking both partitions over")
+            with running(other):
+                # S's replay is still held: the rebalance B's arrival starts completes anyway, and B
+                # takes its partition over. A loop blocked in the replay would hold B off for good.
+                wait_for(lambda: len(other.owned) == 1, 45, "B to serve a partition while S is still replaying")
+                assert not slow.owned and not release.is_set()
+                release.set()
+                wait_for(lambda: len(slow.owned) == 1, 45, "S to claim the partition the group left it")
+                assert set(slow.owned) | set(other.owned) == {0, 1}
+                ids = [f"slow-{i}" for i in range(8)]  # spread over both partitions
+                start_sagas(bootstrap, topics, "pair", ids)
+                assert {s.status for s in wait_terminal(bootstrap, topics, ids, 60).values()} == {"COMPLETED"}
+    finally:
+        release.set()
+    # S's takeover of B's partition was void once the group revoked it: S never claimed it.
+    by_owner = {owner: epoch for epoch, owner in claims(bootstrap, topics)}
+    assert set(by_owner) == {"S", "B"} and len(claims(bootstrap, topics)) == 2
 
 
 OPEN_TRANSACTION = """
