@@ -625,6 +625,9 @@ class Chaos:
         stopped = self.unexpected_exits + [f"{name} not running at the end" for name in alive]
         report.invariants.append(Invariant("no fault or poison message stopped a process", not stopped, len(stopped), stopped[:10]))
         report.meddled = dict(self.meddled)
+        if s.meddle_rate > 0:  # a fault injector that stayed silent makes every other line meaningless
+            silent = [kind for kind in ("replies", "commands") if not self.meddled.get(kind)]
+            report.invariants.append(Invariant("the meddler sent replies and commands again", not silent, len(silent), [f"no {kind} sent again" for kind in silent]))
         report.refused_starts = len(self.refused_starts)
         return report
 
