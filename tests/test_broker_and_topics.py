@@ -364,3 +364,23 @@ def test_saga_topics_errors_are_one_line_without_traceback(bootstrap):
 
     bad = invoke("topics", "create", "-b", bootstrap, "-X", "no-equals-sign")
     assert bad.exit_code == 2 and bad.stderr.startswith("error: client setting")
+
+
+def test_a_topic_counts_as_created_only_once_every_partition_has_a_leader():
+    """Apache Kafka lists a new topic before it has created every partition's log; writing then
+    raced partition creation, and three acknowledged starts never reached the inbox (RELIABILITY.md)."""
+    from types import SimpleNamespace
+
+    from sagalog.topics import _partition_counts
+
+    def part(leader: int) -> SimpleNamespace:
+        return SimpleNamespace(leader=leader, error=None)
+
+    metadata = SimpleNamespace(topics={
+        "ready": SimpleNamespace(partitions={0: part(1), 1: part(1)}),
+        "half": SimpleNamespace(partitions={0: part(1), 1: part(-1)}),
+        "empty": SimpleNamespace(partitions={}),
+    })
+    admin = SimpleNamespace(list_topics=lambda timeout: metadata)
+    assert _partition_counts(admin, 1.0) == {"ready": 2, "half": 2}  # type: ignore[arg-type]
+    assert _partition_counts(admin, 1.0, led=True) == {"ready": 2}  # type: ignore[arg-type]
