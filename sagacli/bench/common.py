@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import math
 import os
+import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +44,8 @@ class Context:
     progress: Progress = field(default_factory=Progress)
     codec: Codec = field(default_factory=Codec)
     ceiling: dict[str, Any] = field(default_factory=dict)
+    #: Sagas/s one manager completed in the throughput part (the overload part offers a multiple).
+    capacity_per_s: float | None = None
 
     def prefix(self, part: str) -> str:
         return f"bench{self.run_id}-{part}"
@@ -123,3 +129,96 @@ def loadavg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+# --- the broker's process, for its CPU ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerProcess:
+    """The local process that listens on a bootstrap address (None, and why, when there is none)."""
+
+    pid: int | None
+    label: str  # "Apache Kafka 4.0.0", "Tansu", "java", ... ("" when not found)
+    reason: str = ""  # why pid is None
+
+
+def _local_address(host: str) -> str | None:
+    """The IP ``host`` resolves to, if it is an address of this machine (else None)."""
+    try:
+        ip = str(socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0])
+    except OSError:
+        return None
+    if ipaddress.ip_address(ip).is_loopback:
+        return ip
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((ip, 0))  # only an address of this machine can be bound
+        return ip
+    return None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the TCP sockets listening on ``port`` (any local address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(cols[9])
+    return inodes
+
+
+def _pid_of_socket(inodes: set[str]) -> int | None:
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in wanted:
+                        return int(proc.name)
+    return None
+
+
+def _process_label(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+    text = b" ".join(argv).decode(errors="replace")
+    if "kafka.Kafka" in text:
+        version = re.search(r"kafka_[0-9.]+-([0-9][0-9A-Za-z.-]*?)\.jar", text)
+        return "Apache Kafka" + (f" {version.group(1)}" if version else "")
+    if "tansu" in comm.lower() or "tansu" in text.lower():
+        return "Tansu"
+    return comm
+
+
+def find_broker_process(bootstrap: str) -> BrokerProcess:
+    """The process serving the first address of ``bootstrap``, found by its listening socket.
+
+    Works for any broker on this machine run by a user whose /proc entries we may read (the
+    embedded one, ``../shared/kafka/kafka.sh``'s JVM, a Tansu started by hand); a broker on
+    another machine or in a container has no pid here, and its CPU is not measured.
+    """
+    first = bootstrap.split(",")[0].strip()
+    first = first.split("://", 1)[-1]
+    host, _, port_text = first.rpartition(":")
+    host = host.strip("[]") or "localhost"
+    try:
+        port = int(port_text)
+    except ValueError:
+        return BrokerProcess(None, "", f"cannot parse the port of {first!r}")
+    if _local_address(host) is None:
+        return BrokerProcess(None, "", f"{host} is not an address of this machine")
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return BrokerProcess(None, "", f"no process listens on port {port} here (a container?)")
+    pid = _pid_of_socket(inodes)
+    if pid is None:
+        return BrokerProcess(None, "", f"the process listening on port {port} is not visible to this user")
+    return BrokerProcess(pid, _process_label(pid))

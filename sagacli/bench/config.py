@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 #: The parts in the order they run. ``--skip`` takes these names.
-PARTS = ("ceiling", "throughput", "latency", "replay", "recovery", "memory", "query", "observability")
+#: ``idle`` comes right after ``ceiling``: the ceiling's traffic has warmed a JVM broker's JIT, and no
+#: topic deleted by an earlier part is being removed yet (Apache Kafka removes a deleted topic's files
+#: a minute later, ``file.delete.delay.ms``): both would be charged to the idle deployment.
+PARTS = ("ceiling", "idle", "throughput", "latency", "overload", "replay", "recovery", "memory", "query", "observability")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Target:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Sizes and durations of one run. :meth:`quick` fits in under two minutes on 2 cores."""
+    """Sizes and durations of one run. :meth:`for_quick` takes about 2.5 minutes per broker on 2 cores."""
 
     quick: bool = False
     partitions: int = 6
@@ -53,6 +56,11 @@ class BenchConfig:
     # 3. latency: offered loads (sagas/s), seconds per load
     latency_rates: tuple[int, ...] = (100, 500, 1000)
     latency_seconds: float = 15.0
+    # idle: a deployment (1 manager, 1 participant) with no traffic, its CPU measured this long
+    idle_seconds: float = 20.0
+    # overload: overload_factor times the 1-manager capacity, offered for overload_seconds
+    overload_factor: float = 2.0
+    overload_seconds: float = 30.0
     # 4. replay: log records on the partition taken over; share of unfinished sagas among them
     replay_records: int = 100_000
     replay_live_share: float = 0.1
@@ -91,6 +99,8 @@ class BenchConfig:
             saturation_steps=3,
             latency_rates=(100, 500, 1000),
             latency_seconds=3.0,
+            idle_seconds=5.0,
+            overload_seconds=6.0,
             replay_records=10_000,
             recovery_rate=150,
             recovery_session_timeout_ms=3000,
@@ -124,6 +134,8 @@ class BenchConfig:
             probe_in_flight=n(self.probe_in_flight, 50),
             saturation_seconds=s(self.saturation_seconds, 2.0),
             latency_seconds=s(self.latency_seconds, 1.5),
+            idle_seconds=s(self.idle_seconds, 2.0),
+            overload_seconds=s(self.overload_seconds, 2.0),
             replay_records=n(self.replay_records, 500),
             recovery_rate=n(self.recovery_rate, 40),
             memory_sagas=n(self.memory_sagas, 300),
@@ -155,4 +167,57 @@ TARGETS: tuple[Target, ...] = (
     Target("replay.records_per_s", "Replay of a partition on takeover", 200_000, True, "records/s"),
     Target("memory.bytes_per_live_saga", "Memory per live saga in a manager", 2048, False, "bytes"),
     Target("query.status_p99_ms", "Status query for one saga (p99)", 100, False, "ms"),
+)
+
+
+@dataclass(frozen=True)
+class FigureTarget:
+    """One row of issue #10's table: a key of a broker's ``figures``, its bound, how it compares.
+
+    ``bound`` None: the bound is another figure (``bound_key``, e.g. the takeover's session timeout
+    + 1 s); ``other_bound``: the bound on a broker that is not the embedded one, when it differs.
+    """
+
+    key: str
+    label: str
+    unit: str
+    op: str  # ">=", "<" or "<="
+    bound: float | None
+    text: str
+    other_bound: float | None = None
+    bound_key: str | None = None
+
+    def bound_for(self, figures: dict[str, object], embedded: bool) -> float | None:
+        if self.bound_key is not None:
+            value = figures.get(self.bound_key)
+            return float(value) if isinstance(value, int | float) else None
+        if not embedded and self.other_bound is not None:
+            return self.other_bound
+        return self.bound
+
+    def met(self, value: float, bound: float) -> bool:
+        if self.op == ">=":
+            return value >= bound
+        if self.op == "<":
+            return value < bound
+        return value <= bound
+
+
+#: Issue #10's table, keyed by the names of a broker's ``figures`` in bench.json.
+FIGURE_TARGETS: tuple[FigureTarget, ...] = (
+    FigureTarget("throughput_sagas_per_s", "3-step no-op sagas/s, everything on this machine", "sagas/s", ">=", 3000, ">= 3,000 sagas/s"),
+    FigureTarget("p99_ms_at_500", "p99 start-to-end at 500 sagas/s offered", "ms", "<", 50, "< 50 ms (500/s sustained)"),
+    FigureTarget("p50_ms_at_100", "p50 start-to-end at 100 sagas/s", "ms", "<", 40, "< 40 ms embedded, < 25 ms other brokers", other_bound=25),
+    FigureTarget("cpu_us_per_saga_at_100", "CPU per saga at 100 sagas/s, all processes", "µs", "<", 2000, "< 2,000 µs"),
+    FigureTarget("replay_records_per_s", "Replay of a partition on takeover", "records/s", ">=", 200_000, ">= 200,000 records/s"),
+    FigureTarget("memory_bytes_per_live_saga", "Memory per live saga in a manager", "bytes", "<", 2048, "< 2,048 bytes"),
+    FigureTarget(
+        "takeover_after_kill_ms", "Takeover after kill -9 of a manager", "ms", "<=", None, "<= session timeout + 1 s",
+        bound_key="takeover_target_ms",
+    ),
+    FigureTarget("idle_cpu_cores", "Idle deployment CPU (broker, 1 manager, 1 participant), no traffic", "cores", "<", 0.02, "< 0.02 core"),
+    FigureTarget(
+        "overload_completion_share", "Offered 2x capacity: completions as a share of capacity", "of capacity", ">=", 0.9,
+        ">= 0.9, no step timeout, admitted p99 < step timeout",
+    ),
 )

@@ -117,6 +117,7 @@ class LogTailer:
     """Follows the whole log from the beginning in a thread, keeping what the parts need:
 
     * ``ended``: saga id -> ``SagaEnded.timestamp_ms``
+    * ``begun``: saga id -> ``SagaBegun.timestamp_ms`` (when the manager admitted it)
     * ``counts``: records seen per event type
     * ``claims``: the newest ``PartitionClaim`` of each partition, and ``after_claim``: the first
       saga record (timestamp, epoch) written on a partition after its newest claim
@@ -128,6 +129,7 @@ class LogTailer:
         self.codec = codec
         self.peek = LogPeek(codec)
         self.ended: dict[bytes, int] = {}
+        self.begun: dict[bytes, int] = {}
         self.counts: Counter[str] = Counter()
         self.claims: dict[int, PartitionClaim] = {}
         self.claim_seen_ms: dict[int, float] = {}
@@ -188,8 +190,11 @@ class LogTailer:
             self._take_slow(p, key, value)
             return
         self.counts[peeked.event] += 1
-        if peeked.event == "SagaEnded" and key is not None:
-            self.ended[key] = peeked.timestamp_ms
+        if key is not None:
+            if peeked.event == "SagaEnded":
+                self.ended[key] = peeked.timestamp_ms
+            elif peeked.event == "SagaBegun":
+                self.begun[key] = peeked.timestamp_ms
         if self.after_claim.get(p, 0) is None:
             claim = self.claims.get(p)
             if claim is not None and peeked.epoch >= claim.epoch:
@@ -215,6 +220,8 @@ class LogTailer:
             self.counts[event] += 1
             if event == "SagaEnded":
                 self.ended[item.saga_id.encode()] = item.timestamp_ms
+            elif event == "SagaBegun":
+                self.begun[item.saga_id.encode()] = item.timestamp_ms
         else:
             self.counts[type(item).__name__] += 1
 

@@ -23,8 +23,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sagacli.bench import ceiling, memory, observability, query, recovery, replay, report, sagas
-from sagacli.bench.common import Context, Progress, loadavg
+from sagacli.bench import (
+    ceiling,
+    idle,
+    memory,
+    observability,
+    overload,
+    query,
+    recovery,
+    replay,
+    report,
+    sagas,
+)
+from sagacli.bench.common import Context, Progress, find_broker_process, loadavg
 from sagacli.bench.config import PARTS, BenchConfig
 from sagacli.process import Processes
 from sagalog.kafka import session_timeout_bounds
@@ -138,21 +149,43 @@ def _rich_progress(total: int, enabled: bool) -> Iterator[tuple[Progress, Callab
         yield progress, lambda: bar.advance(task)
 
 
+#: The default name of the ``--also`` broker: the real Apache Kafka it is meant for.
+ALSO_NAME = "kafka"
+
+
+def parse_also(text: str) -> tuple[str, str]:
+    """``--also [NAME=]BOOTSTRAP`` -> (name, bootstrap); the name defaults to ``kafka``."""
+    name, sep, bootstrap = text.partition("=")
+    if not sep:
+        return ALSO_NAME, text.strip()
+    name = name.strip()
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"broker name {name!r}: letters, digits, '-' and '_' only")
+    return name, bootstrap.strip()
+
+
 def run_bench(
     config: BenchConfig,
     *,
     bootstrap: str | None = None,
+    also: tuple[str, str] | None = None,
     out: Path = Path("bench-results"),
     command: str = "saga bench",
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every part not skipped; write bench.json, bench.md and the plots into ``out``; return the results."""
+    """Run every part not skipped; write bench.json, bench.md and the plots into ``out``; return the results.
+
+    ``bootstrap`` None: an embedded broker, started for the run. ``also`` (name, bootstrap): every
+    part runs again on that broker, after the first one (stopped first if embedded); the first
+    broker's results stay at the top level, the other's go under ``brokers.NAME``, and
+    ``comparison`` puts the figures of both side by side.
+    """
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     if logs.is_dir():
-        for old in logs.glob("*.log"):
+        for old in [*logs.glob("*.log"), *logs.glob("*/*.log")]:
             old.unlink()
-    for old in out.glob("profile-*.txt"):
+    for old in [*out.glob("profile-*.txt"), *out.glob("latency-*.png"), *out.glob("throughput-*.png")]:
         old.unlink()
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -167,19 +200,85 @@ def run_bench(
     }
     run_id = uuid.uuid4().hex[:6]
     results["bench"]["run_id"] = run_id
-    errors: dict[str, str] = {}
     units = [p for p in PARTS if config.runs(p) and p != "latency"]
     if config.runs("latency") and not config.runs("throughput"):
-        units.append("latency")
+        units.insert(units.index("overload") if "overload" in units else len(units), "latency")
+    first_name = "embedded" if bootstrap is None else "cluster"
+    brokers: list[tuple[str, str | None]] = [(first_name, bootstrap)]
+    if also is not None:
+        if also[0] == first_name:
+            raise ValueError(f"the --also broker cannot be named {first_name!r}: the first broker is")
+        brokers.append(also)
+        results["bench"]["brokers"] = [name for name, _ in brokers]
+    sections: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sigterm_as_interrupt())
-        broker_pid = None
+        progress, advance = stack.enter_context(_rich_progress(len(units) * len(brokers), show_progress))
+        for i, (name, broker_bootstrap) in enumerate(brokers):
+            shown = progress if len(brokers) == 1 else _labelled(progress, name)
+            try:
+                section = _measure(
+                    config, name, broker_bootstrap, run_id, out, logs if i == 0 else logs / name, units, shown, advance, show_progress
+                )
+            except Exception as err:
+                if i == 0:
+                    raise
+                # The second broker is unreachable (or similar): keep the first one's figures.
+                section = {"name": name, "embedded": False, "bootstrap": broker_bootstrap, "broker": f"{broker_bootstrap} (failed)",
+                           "broker_pid": None, "broker_cpu": "n/a: the run on this broker failed",
+                           "errors": {"broker": f"{type(err).__name__}: {err}"}, "tracebacks": {"broker": traceback.format_exc()[-4000:]}}  # fmt: skip
+                shown.note(f"{name}: failed: {type(err).__name__}: {err}")
+            sections.append(section)
+    results["environment"]["loadavg_end"] = loadavg()
+    results["bench"]["duration_s"] = round(time.monotonic() - started, 1)
+    report.combine(results, sections)
+    results["files"] = {"json": report.JSON_NAME, "markdown": report.MARKDOWN_NAME}
+    plots = report.write_plots(results, out)
+    results["files"]["plots"] = [p.name for p in plots]
+    report.write_json(results, out)
+    report.write_markdown(results, out)
+    return results
+
+
+def _labelled(progress: Progress, name: str) -> Progress:
+    return Progress(status=lambda text: progress.status(f"[{name}] {text}"), note=lambda text: progress.note(f"[{name}] {text}"))
+
+
+def _measure(
+    config: BenchConfig,
+    name: str,
+    bootstrap: str | None,
+    run_id: str,
+    out: Path,
+    logs: Path,
+    units: list[str],
+    progress: Progress,
+    advance: Callable[[], None],
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Every part of ``units`` on one broker (an embedded one, started and stopped here, when
+    ``bootstrap`` is None): its results, errors, part durations and what is known of its process."""
+    section: dict[str, Any] = {"name": name, "embedded": bootstrap is None}
+    errors: dict[str, str] = {}
+    tracebacks: dict[str, str] = {}
+    part_seconds: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
         if bootstrap is None:
             from sagalog.broker import EmbeddedBroker
 
             broker = stack.enter_context(EmbeddedBroker(port=0))
             bootstrap = broker.bootstrap
             broker_pid = broker.pid
+            short = _tansu_version()
+            label = f"embedded {short}"
+            section["broker_cpu"] = f"measured (pid {broker_pid})"
+        else:
+            found = find_broker_process(bootstrap)
+            broker_pid = found.pid
+            short = found.label or "external broker"
+            label = f"{short} at {bootstrap}"
+            section["broker_cpu"] = f"measured (pid {broker_pid}, {found.label})" if broker_pid else f"n/a: {found.reason}"
+        section.update(broker=label, broker_short=short, bootstrap=bootstrap, broker_pid=broker_pid)
         bounds = session_timeout_bounds(bootstrap)
         if bounds is not None and bounds[0] > min(config.session_timeout_ms, config.recovery_session_timeout_ms):
             # A stock Apache Kafka refuses session timeouts below 6 s: measure with its minimum.
@@ -188,12 +287,14 @@ def run_bench(
                 session_timeout_ms=max(config.session_timeout_ms, bounds[0]),
                 recovery_session_timeout_ms=max(config.recovery_session_timeout_ms, bounds[0]),
             )
-            results["bench"]["config"]["session_timeout_ms"] = config.session_timeout_ms
-            results["bench"]["config"]["recovery_session_timeout_ms"] = config.recovery_session_timeout_ms
+            section["config_changes"] = {
+                "session_timeout_ms": config.session_timeout_ms,
+                "recovery_session_timeout_ms": config.recovery_session_timeout_ms,
+            }
+        logs.mkdir(parents=True, exist_ok=True)
         procs = stack.enter_context(Processes(logs))
         work = Path(tempfile.mkdtemp(prefix="saga-bench-"))
         stack.callback(shutil.rmtree, work, True)
-        progress, advance = stack.enter_context(_rich_progress(len(units), show_progress))
         ctx = Context(
             bootstrap=bootstrap,
             config=config,
@@ -204,35 +305,30 @@ def run_bench(
             broker_pid=broker_pid,
             progress=progress,
         )
-        part_seconds: dict[str, float] = {}
-        results["bench"]["part_seconds"] = part_seconds
         for unit in units:
             progress.status(unit)
             unit_started = time.monotonic()
             try:
                 if unit == "ceiling":
-                    results["ceiling"] = ctx.ceiling = ceiling.run(ctx)
+                    section["ceiling"] = ctx.ceiling = ceiling.run(ctx)
                 elif unit in ("throughput", "latency"):
-                    results.update(sagas.run_sagas(ctx, config.runs("throughput"), config.runs("latency")))
+                    section.update(sagas.run_sagas(ctx, config.runs("throughput"), config.runs("latency")))
                 else:
-                    module = {"replay": replay, "recovery": recovery, "memory": memory, "query": query, "observability": observability}[unit]
-                    results[unit] = module.run(ctx)
+                    module = {
+                        "idle": idle, "overload": overload, "replay": replay, "recovery": recovery, "memory": memory,
+                        "query": query, "observability": observability,
+                    }[unit]  # fmt: skip
+                    section[unit] = module.run(ctx)
             except Exception as err:  # noqa: BLE001 - one failing part must not lose the others' figures
                 errors[unit] = f"{type(err).__name__}: {err}"
-                results.setdefault("tracebacks", {})[unit] = traceback.format_exc()[-4000:]
+                tracebacks[unit] = traceback.format_exc()[-4000:]
                 progress.note(f"[red]{unit} failed: {type(err).__name__}: {err}[/red]" if show_progress else f"{unit} failed: {err}")
             finally:
                 procs.close()  # whatever the part left running
                 part_seconds[unit] = round(time.monotonic() - unit_started, 1)
             advance()
-    results["environment"]["loadavg_end"] = loadavg()
-    results["bench"]["duration_s"] = round(time.monotonic() - started, 1)
+    section["part_seconds"] = part_seconds
     if errors:
-        results["errors"] = errors
-    results["targets"] = report.targets_for(results)
-    results["files"] = {"json": report.JSON_NAME, "markdown": report.MARKDOWN_NAME}
-    plots = report.write_plots(results, out)
-    results["files"]["plots"] = [p.name for p in plots]
-    report.write_json(results, out)
-    report.write_markdown(results, out)
-    return results
+        section["errors"] = errors
+        section["tracebacks"] = tracebacks
+    return section

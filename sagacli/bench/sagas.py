@@ -173,16 +173,27 @@ class Rig:
         self.ctx.progress.status(f"{self.deployment.prefix}: waiting for {len(pending):,} sagas still running")
         return self.wait_done(pending, timeout_s, "sagas still running", strict=False)
 
-    def meter(self) -> CpuMeter:
+    def meter(self, *, bench: bool = True) -> CpuMeter:
+        """CPU of each process kind: managers, participants, broker (when its pid is known) and,
+        unless ``bench`` is False, this process (the load generator and the log tailer)."""
         d = self.deployment
-        return CpuMeter(
-            {
-                "managers": [m.pid for m in d.managers if m.alive],
-                "participants": [w.pid for w in d.workers if w.alive],
-                "broker": [self.ctx.broker_pid] if self.ctx.broker_pid else [],
-                "bench": [os.getpid()],
-            }
-        )
+        groups = {
+            "managers": [m.pid for m in d.managers if m.alive],
+            "participants": [w.pid for w in d.workers if w.alive],
+            "broker": [self.ctx.broker_pid] if self.ctx.broker_pid else [],
+        }
+        if bench:
+            groups["bench"] = [os.getpid()]
+        return CpuMeter(groups)
+
+    def quiesce(self) -> None:
+        """Stop the bench's own clients (tailer, generator): only the deployment talks to the broker."""
+        if self.tailer is not None:
+            self.tailer.stop()
+            self.tailer = None
+        if self.generator is not None:
+            self.generator.close()
+            self.generator = None
 
     def run_paced(self, ids: list[bytes], rate: float, label: str) -> Sent:
         """The open-loop generator in a thread; the main thread shows progress and watches the children."""
@@ -475,5 +486,7 @@ def run_sagas(ctx: Context, throughput: bool, latency: bool) -> dict[str, Any]:
                     rig.wait_idle(cfg.drain_timeout_s * 2)
                     run["profile"] = _profile_run(ctx, rig, run["offered_per_s"], replicas)
                 runs.append(run)
+                if replicas == 1:
+                    ctx.capacity_per_s = run["sagas_per_s"]
         out["throughput"] = summarize_throughput(ctx, runs)
     return out
