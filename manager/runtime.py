@@ -20,6 +20,7 @@ One consumer group on the inbox. Owning inbox partition p means owning log parti
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
@@ -49,6 +50,7 @@ from sagalog.definition import DefinitionSet
 from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState, fold_newest
 from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate, where
+from sagalog.reader import read_to_end
 from sagalog.records import (
     Action,
     DeadLetter,
@@ -545,25 +547,18 @@ class Manager:
         """
         messages: dict[int, list[tuple[bytes | None, bytes | None, int]]] = {p: [] for p in partitions}
         ends: dict[int, int] = {}
-        reader = reader or self.reader
-        reader.assign([TopicPartition(self.topics.log, p, OFFSET_BEGINNING) for p in partitions])
-        try:
-            deadline = time.monotonic() + self.settings.replay_timeout_s
-            while len(ends) < len(partitions):
-                if time.monotonic() > deadline:
-                    missing = sorted(set(partitions) - set(ends))
-                    raise BrokerError(f"replaying log partitions {missing} did not reach their end in {self.settings.replay_timeout_s:g} s", retryable=True)
-                for msg in reader.consume(5000, 0.05):
-                    err = msg.error()
-                    if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                        raise translate(err, f"replaying log partitions {partitions}")  # no position on these
-                    _, partition, offset = where(msg)
-                    if err is None:
-                        messages[partition].append((msg.key(), msg.value(), offset))
-                    else:
-                        ends[partition] = offset
-        finally:
-            reader.unassign()
+        reading = read_to_end(
+            reader or self.reader,
+            self.topics.log,
+            dict.fromkeys(partitions, OFFSET_BEGINNING),
+            doing=f"replaying log partitions {partitions}",
+            timeout_s=self.settings.replay_timeout_s,
+        )
+        with contextlib.closing(reading):
+            for batch in reading:
+                for p, msgs in batch.messages.items():
+                    messages[p].extend((m.key(), m.value(), where(m)[2]) for m in msgs)
+                ends.update(batch.ends)
         folds = {}
         for p in partitions:
             self._replayed[p] = len(messages[p])

@@ -18,9 +18,11 @@ answer from here. The design, and why:
   partition Kafka's murmur2 partitioner picks for that key (:func:`partition_for`, the Java
   client's algorithm, which the producers here use too). A status query catches up that one
   partition and then is one indexed SQLite lookup: with a million sagas in the log and a warm
-  model, its cost is a metadata request, a topic-id request, one fetch to the partition's end
-  and the records appended since the last query (measured: 22 ms median from a fresh process's
-  ReadModel with 1M sagas in the log, 4 ms on an open one). ``saga list`` catches up every partition.
+  model, its cost is one DescribeTopics request (the partition count and the topic id), one
+  fetch to the partition's end and the records appended since the last query (measured: 22 ms
+  median from a fresh process's ReadModel with 1M sagas in the log, 4 ms on an open one).
+  ``saga list`` catches up every partition. A status query that finds nothing new imports
+  neither pydantic nor the Avro codec: the saga is shown from the stored JSON (:class:`SagaView`).
 * **Bounded memory.** Records are folded one ``consume()`` batch at a time: the states a batch
   touches are loaded from SQLite, folded, written back with the batch's history rows and the
   new next offsets in one transaction, and dropped.
@@ -63,28 +65,36 @@ import re
 import sqlite3
 import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicCollection, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicCollection
 
-from sagalog.codec import Codec
 from sagalog.config import Topics
-from sagalog.definition import SagaDefinition
 from sagalog.errors import BrokerUnavailable, ConfigError, DecodeError
-from sagalog.fold import PartitionFold, SagaState
-from sagalog.kafka import ClientOverrides, admin_client, reader_config, translate
-from sagalog.records import CLAIM_KEY_PREFIX, Incident, PartitionClaim, SagaLogRecord, SagaStatus, StepStatus
+from sagalog.kafka import QUICK_RETRY, ClientOverrides, admin_client, reader_config, translate, where
+from sagalog.reader import read_to_end
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import ClusterMetadata
+
+    # Imported where they are used: a status query that finds nothing new on the log decodes and
+    # folds nothing, and a fresh ``saga status`` process then never imports pydantic or fastavro.
+    from sagalog.codec import Codec
+    from sagalog.definition import SagaDefinition
+    from sagalog.fold import PartitionFold, SagaState
+    from sagalog.records import Incident, SagaStatus
 
 #: The layout of the file; a file of another version is rebuilt from the log. 2: sagas.incidents.
 SCHEMA_VERSION = "2"
 #: How long ``saga status`` can still say "finished and removed" about a tombstoned saga.
 REMOVED_KEPT_MS = 7 * 24 * 3600 * 1000
 STATE_DIR_ENV = "SAGA_STATE_DIR"
-#: Steps in these states are what a saga is "at" right now.
-ACTIVE_STEP = frozenset({StepStatus.RUNNING, StepStatus.COMPENSATING})
+#: Steps in these states (``StepStatus`` values) are what a saga is "at" right now.
+ACTIVE_STEP = frozenset({"RUNNING", "COMPENSATING"})
 
 
 # --- Kafka's partitioner --------------------------------------------------------------------
@@ -199,6 +209,8 @@ class SagaSummary:
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> SagaSummary:
+        from sagalog.records import Incident, SagaStatus
+
         return cls(
             saga_id=r[0],
             partition=r[1],
@@ -238,20 +250,58 @@ def incident_json(incident: Incident) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class SagaView:
-    """Everything ``saga status`` shows: the state, where it lives and its history."""
+    """Everything ``saga status`` shows: the saga, where it lives and its history.
 
-    state: SagaState
+    ``snapshot`` (the state as JSON, without its definition) and ``definition_data`` (the pinned
+    definition's JSON) are what the read model stores: enough to show the saga without building a
+    pydantic model, which is how ``saga status`` stays fast in a fresh process. ``state`` and
+    ``definition`` build the models on first use.
+    """
+
+    #: ``SagaState.model_dump(mode="json")`` without ``definition``: saga_id, seq, epoch, status,
+    #: steps (name, status, attempt, comp_attempt, deadline_ms, output, error...), incidents...
+    snapshot: dict[str, Any]
+    #: The pinned definition's canonical JSON.
+    definition_json: str
     partition: int
     claim: Claim | None
     history: tuple[HistoryEntry, ...]
 
-    @property
+    @cached_property
+    def state(self) -> SagaState:
+        return _state_from_data(self.snapshot, self.definition_json)
+
+    @cached_property
     def definition(self) -> SagaDefinition:
-        return self.state.definition_model
+        from sagalog.definition import definition_from_json
+
+        return definition_from_json(self.definition_json)
+
+    @cached_property
+    def definition_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.definition_json)
+        return data
 
     @property
     def current(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.state.steps if s.status in ACTIVE_STEP)
+        return tuple(s["name"] for s in self.snapshot["steps"] if s["status"] in ACTIVE_STEP)
+
+    def dependencies(self) -> dict[str, tuple[str, ...]]:
+        """Step name -> the steps it depends on (``SagaDefinition.dependencies``, from the JSON)."""
+        return step_dependencies(self.definition_data)
+
+
+def step_dependencies(definition: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Step name -> the steps it depends on, from a definition's JSON: its ``depends_on``, or
+    when that is left out the step before it. The rule of :meth:`SagaDefinition.dependencies`,
+    without building the model (a test holds the two together)."""
+    deps: dict[str, tuple[str, ...]] = {}
+    previous: str | None = None
+    for step in definition["steps"]:
+        declared = step.get("depends_on")
+        deps[step["name"]] = tuple(declared) if declared is not None else ((previous,) if previous else ())
+        previous = step["name"]
+    return deps
 
 
 @dataclass
@@ -338,6 +388,7 @@ CREATE TABLE IF NOT EXISTS removed (
 CREATE INDEX IF NOT EXISTS removed_by_time ON removed (removed_ms);
 """
 _DATA_TABLES = ("partitions", "sagas", "definitions", "history", "removed")
+_NO_SUCH_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
 
 
 def default_state_dir() -> Path:
@@ -390,8 +441,7 @@ class ReadModel:
         self._codec = codec
         self._consumer: Consumer | None = None
         self._partitions: int | None = None
-        self._topic_names: frozenset[str] = frozenset()
-        self._topic_checked = False
+        self._topic_names: frozenset[str] | None = None
         #: Set by each catch-up: a line for the user when the answer may be stale, else None.
         self.staleness: str | None = None
         try:
@@ -439,6 +489,8 @@ class ReadModel:
     @property
     def codec(self) -> Codec:
         if self._codec is None:
+            from sagalog.codec import Codec
+
             self._codec = Codec()
         return self._codec
 
@@ -506,53 +558,87 @@ class ReadModel:
         )
 
     def partition_count(self) -> int:
-        """Partitions of the log, from the broker (once per ReadModel); checks the topic exists."""
-        if self._partitions is not None:
-            return self._partitions
-        try:
-            # All topics, never one by name: brokers with auto-creation would create it.
-            meta = self._client().list_topics(timeout=self.timeout_s)
-        except KafkaException as err:
-            translated = translate(err, f"reading metadata from {self.bootstrap}")
-            raise (self._unavailable(err) if isinstance(translated, BrokerUnavailable) else translated) from err
-        self._topic_names = frozenset(meta.topics)
-        topic = meta.topics.get(self.topics.log)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise ConfigError(
-                f"topic {self.topics.log} does not exist at {self.bootstrap}: no saga has run with "
-                f"--topic-prefix {self.topics.prefix} there; start a manager ('saga manager') or check "
-                f"--topic-prefix / --bootstrap-servers"
-            )
-        self._partitions = len(topic.partitions)
+        """Partitions of the log, from the broker (asked once per ReadModel); checks that the topic
+        exists and is still the one read before (:meth:`_check_identity`)."""
+        if self._partitions is None:
+            self._partitions = self._describe_log()
         return self._partitions
 
+    def _describe_log(self) -> int:
+        """One DescribeTopics request: whether the log exists, its partitions and its topic id.
+
+        It names the topic, but librdkafka sends it with topic auto-creation off, so unlike a
+        consumer's Metadata request naming one topic it never creates a missing log (checked on
+        the embedded broker too): a query never needs the list of every topic.
+        """
+        log = self.topics.log
+        admin = admin_client(self.bootstrap, {**QUICK_RETRY, **self.overrides})
+        try:
+            futures = admin.describe_topics(TopicCollection([log]), request_timeout=self.timeout_s)
+            self._client()  # created while the request is out: the catch-up's reads need it next
+            description = futures[log].result()
+        except KafkaException as err:
+            kerr = err.args[0] if err.args else None
+            if isinstance(kerr, KafkaError) and kerr.code() in _NO_SUCH_TOPIC:
+                raise self._missing_log() from err
+            if isinstance(translate(err, f"describing {log}"), BrokerUnavailable):
+                raise self._unavailable(err) from err
+            # A broker without DescribeTopics (no topic id to check either), or a principal not
+            # allowed to describe the log: the metadata answers as it always did (a topic the
+            # principal may not see is one that "does not exist").
+            return self._partitions_from_metadata()
+        if not description.partitions:
+            raise self._missing_log()
+        partitions = len(description.partitions)
+        self._check_identity(str(description.topic_id), partitions)
+        return partitions
+
+    def _partitions_from_metadata(self) -> int:
+        meta = self._metadata()
+        topic = meta.topics.get(self.topics.log)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise self._missing_log()
+        return len(topic.partitions)
+
+    def _metadata(self) -> ClusterMetadata:
+        try:
+            # All topics, never one by name: brokers with auto-creation would create it.
+            return self._client().list_topics(timeout=self.timeout_s)
+        except KafkaException as err:
+            translated = translate(err, f"reading metadata from {self.bootstrap}")
+            if isinstance(translated, BrokerUnavailable):
+                raise self._unavailable(err) from err
+            raise translated from err
+
+    def _missing_log(self) -> ConfigError:
+        return ConfigError(
+            f"topic {self.topics.log} does not exist at {self.bootstrap}: no saga has run with "
+            f"--topic-prefix {self.topics.prefix} there; start a manager ('saga manager') or check "
+            f"--topic-prefix / --bootstrap-servers"
+        )
+
     def topic_names(self) -> frozenset[str]:
-        """Every topic of the cluster (as of the metadata request that found the log)."""
-        self.partition_count()
+        """Every topic of the cluster (one Metadata request, the first time it is asked)."""
+        if self._topic_names is None:
+            self._topic_names = frozenset(self._metadata().topics)
         return self._topic_names
 
-    def _check_topic_identity(self) -> None:
-        """Reset everything if the log topic was deleted and created again (a new topic id).
+    def _check_identity(self, topic_id: str, partitions: int) -> None:
+        """Reset everything if the log topic was deleted and created again (a new topic id) or
+        has another number of partitions (every saga may then live on another one).
 
-        Brokers that do not report topic ids are covered by the offset check in ``catch_up``.
+        Brokers that do not report topic ids are covered by the offset check in ``_consume``.
         """
-        if self._topic_checked:
-            return
-        self._topic_checked = True
-        admin = admin_client(self.bootstrap, self.overrides)
-        try:
-            futures = admin.describe_topics(TopicCollection([self.topics.log]), request_timeout=self.timeout_s)
-            topic_id = str(futures[self.topics.log].result().topic_id)
-        except KafkaException:
-            return  # an older broker without topic ids: nothing to compare
-        partitions = str(self.partition_count())
+        now = (topic_id, str(partitions))
+        if (self._meta("topic_id"), self._meta("partitions")) == now:
+            return  # the usual case: nothing to write
         with self._write():
             known_id, known_n = self._meta("topic_id"), self._meta("partitions")
-            if (known_id is not None and known_id != topic_id) or (known_n is not None and known_n != partitions):
+            if (known_id is not None and known_id != now[0]) or (known_n is not None and known_n != now[1]):
                 for table in _DATA_TABLES:
                     self.db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
-            self._set_meta("topic_id", topic_id)
-            self._set_meta("partitions", partitions)
+            self._set_meta("topic_id", now[0])
+            self._set_meta("partitions", now[1])
 
     def partition_of(self, saga_id: str) -> int:
         return partition_for(saga_id.encode(), self.partition_count())
@@ -563,7 +649,6 @@ class ReadModel:
         """Fold what was appended to these partitions (default: all) since the last catch-up."""
         started = time.monotonic()
         count = self.partition_count()
-        self._check_topic_identity()
         wanted = tuple(sorted(set(range(count) if partitions is None else partitions)))
         stats = CatchUpStats(partitions=wanted)
         with self._locked():
@@ -581,87 +666,47 @@ class ReadModel:
         return stats
 
     def _consume(self, starts: dict[int, int], stats: CatchUpStats) -> None:
-        """Read each partition from its next offset until the consumer reports its end (EOF).
+        """Read each partition from its next offset to its end (:func:`sagalog.reader.read_to_end`),
+        folding and storing batch by batch.
 
         The end is what fetch responses say (EOF), never ListOffsets: measured on the embedded
         broker (Tansu 0.6), ListOffsets answers the first offset of the last record batch + 1,
         short of the real end whenever that batch holds several records. EOF also steps over
         transaction markers, which take offsets but are never delivered.
 
-        A log that was deleted and created again has a new topic id (see
-        :meth:`_check_topic_identity`). On Kafka a stored offset past the end of the log also
-        makes the consumer restart at the beginning (``auto.offset.reset=earliest``): the first
-        offset delivered, or the end, is then below where we stood, and the partition is read
-        again. (Tansu answers such a fetch with nothing at all: that ends in an error after a
-        while without progress rather than a wait forever.)
-        """
-        consumer = self._client()
-        try:
-            consumer.assign([TopicPartition(self.topics.log, p, start) for p, start in starts.items()])
-        except KafkaException as err:
-            raise translate(err, f"reading {self.topics.log}") from err
-        try:
-            quiet_limit = self.timeout_s
-            last_progress = time.monotonic()
-            remaining = set(starts)
-            seen: set[int] = set()  # partitions that delivered a first message or their end
-            while remaining:
-                if time.monotonic() - last_progress > quiet_limit:
-                    # Answer with what was read: a query must answer whatever the managers and the
-                    # broker are doing (an open transaction holds read_committed readers back).
-                    positions = consumer.position([TopicPartition(self.topics.log, p) for p in sorted(remaining)])
-                    stats.stale = {tp.partition: max(tp.offset, starts[tp.partition]) for tp in positions}
-                    break
-                batch: list[Message] = []
-                reached: dict[int, int] = {}
-                resets: set[int] = set()
-                for msg in self._next_batch(consumer):
-                    error = msg.error()
-                    if error is not None and error.code() != KafkaError._PARTITION_EOF:
-                        raise translate(error, f"reading {self.topics.log}")
-                    p, offset = _position(msg)
-                    if p not in remaining:
-                        continue
-                    if p not in seen:
-                        seen.add(p)
-                        if offset < starts[p]:
-                            resets.add(p)
-                    if error is not None:  # the end of the partition: offset is where it ends
-                        remaining.discard(p)
-                        reached[p] = offset
-                    else:
-                        batch.append(msg)
-                if batch or reached:
-                    last_progress = time.monotonic()
-                    self._apply_batch(batch, reached, resets, stats)
-        finally:
-            consumer.unassign()
+        A query always answers: when nothing new arrives for ``timeout_s`` (an open transaction
+        holds read_committed readers back on Kafka, a broker is slow), the read stops and the
+        partitions not read to their end are reported in ``stats.stale``.
 
-    @staticmethod
-    def _next_batch(consumer: Consumer) -> list[Message]:
-        """Whatever the consumer has, as soon as it has anything (up to 0.1 s): ``consume(n, t)``
-        alone would wait out ``t`` for ``n`` messages, and a status query often needs only one EOF."""
-        first = consumer.poll(0.1)
-        if first is None:
-            return []
-        return [first, *consumer.consume(5000, 0)]
+        A log that was deleted and created again has a new topic id (see
+        :meth:`_check_identity`). On Kafka a stored offset past the end of the log also
+        makes the consumer restart at the beginning (``auto.offset.reset=earliest``): the first
+        offset delivered, or the end, is then below where we stood (the batch's ``resets``), and
+        the partition is read again. (Tansu answers such a fetch with nothing at all: that ends
+        as a stale answer after ``timeout_s`` rather than a wait forever.)
+        """
+        with contextlib.closing(
+            read_to_end(self._client(), self.topics.log, starts, quiet_s=self.timeout_s)
+        ) as reading:
+            for batch in reading:
+                if batch.stale:
+                    stats.stale = {p: max(offset, starts[p]) for p, offset in batch.stale.items()}
+                else:
+                    self._apply_batch(batch.messages, batch.ends, batch.resets, stats)
 
     def _apply_batch(
-        self, batch: Sequence[Message], reached: dict[int, int], resets: set[int], stats: CatchUpStats
+        self, messages: dict[int, list[Message]], ends: dict[int, int], resets: set[int], stats: CatchUpStats
     ) -> None:
-        """Fold one consume() batch and store it with the new next offsets, atomically."""
-        by_partition: dict[int, list[Message]] = {}
-        for msg in batch:
-            by_partition.setdefault(_position(msg)[0], []).append(msg)
+        """Fold one batch and store it with the new next offsets, atomically."""
         with self._write():
             for p in sorted(resets):
                 # The log is shorter than what we had read: it was recreated (e.g. the memory-only
                 # embedded broker restarted). What we hold for this partition is another log's.
                 self._reset_partition(p)
                 stats.resets.append(p)
-            for p, msgs in by_partition.items():
+            for p, msgs in messages.items():
                 self._fold_partition(p, msgs, stats)
-            for p, end in reached.items():
+            for p, end in ends.items():
                 self.db.execute(
                     "INSERT INTO partitions (partition, next_offset) VALUES (?, ?) "
                     "ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
@@ -669,6 +714,9 @@ class ReadModel:
                 )
 
     def _fold_partition(self, p: int, msgs: list[Message], stats: CatchUpStats) -> None:
+        from sagalog.fold import PartitionFold
+        from sagalog.records import CLAIM_KEY_PREFIX, PartitionClaim, SagaLogRecord
+
         db = self.db
         row = db.execute("SELECT epoch FROM partitions WHERE partition = ?", (p,)).fetchone()
         fold = PartitionFold(partition=p, epoch=row[0] if row else 0, max_rejected_kept=len(msgs) + 1)
@@ -678,7 +726,7 @@ class ReadModel:
             try:
                 item: Any = None if value is None else self.codec.decode(value)
             except DecodeError as bad:
-                item = bad.at(self.topics.log, p, _position(msg)[1])
+                item = bad.at(self.topics.log, p, where(msg)[2])
             decoded.append((msg, item))
         self._load_states(fold, {i.saga_id for _, i in decoded if isinstance(i, SagaLogRecord)})
         touched: set[str] = set()
@@ -686,7 +734,7 @@ class ReadModel:
         claim: PartitionClaim | None = None
         for msg, item in decoded:
             key: bytes | None = msg.key()
-            offset, ts = _position(msg)[1], msg.timestamp()[1]
+            offset, ts = where(msg)[2], msg.timestamp()[1]
             records += 1
             if item is None:  # a tombstone: the saga is gone from the log, so it goes from here too
                 if key is not None and not key.startswith(CLAIM_KEY_PREFIX):
@@ -748,7 +796,7 @@ class ReadModel:
             "next_offset = max(next_offset, excluded.next_offset), epoch = max(epoch, excluded.epoch), "
             "records = records + excluded.records, decode_errors = decode_errors + excluded.decode_errors, "
             "rejected = rejected + excluded.rejected",
-            (p, _position(msgs[-1])[1] + 1, fold.epoch, records, decode_errors, rejected),
+            (p, where(msgs[-1])[2] + 1, fold.epoch, records, decode_errors, rejected),
         )
         if claim is not None:
             db.execute(
@@ -802,13 +850,19 @@ class ReadModel:
 
     def find(self, saga_id: str, *, catch_up: bool = True) -> SagaState | None:
         """The saga's state, or None if the log has no such saga (catching up its partition only)."""
+        row = self._saga_row(saga_id, catch_up)
+        return None if row is None else _state_from_row(row[0], row[1])
+
+    def _saga_row(self, saga_id: str, catch_up: bool) -> tuple[str, str, int] | None:
+        """The saga's stored snapshot, pinned definition and partition, or None if there is none."""
         if catch_up:
             self.catch_up([self.partition_of(saga_id)])
-        row = self.db.execute(
-            "SELECT s.snapshot, d.json FROM sagas s JOIN definitions d ON d.id = s.definition_id WHERE s.id = ?",
+        row: tuple[str, str, int] | None = self.db.execute(
+            "SELECT s.snapshot, d.json, s.partition FROM sagas s JOIN definitions d ON d.id = s.definition_id "
+            "WHERE s.id = ?",
             (saga_id,),
         ).fetchone()
-        return None if row is None else _state_from_row(row[0], row[1])
+        return row
 
     def get(self, saga_id: str, *, catch_up: bool = True) -> SagaState:
         """Like :meth:`find`, but an unknown id raises :class:`SagaNotFound` saying what to do."""
@@ -832,12 +886,15 @@ class ReadModel:
         )
 
     def view(self, saga_id: str, *, catch_up: bool = True) -> SagaView:
-        state = self.get(saga_id, catch_up=catch_up)
-        partition = int(
-            self.db.execute("SELECT partition FROM sagas WHERE id = ?", (saga_id,)).fetchone()[0]
-        )
+        """The saga as stored, with its partition, owner and history (no pydantic model is built
+        unless ``state`` or ``definition`` is asked for)."""
+        row = self._saga_row(saga_id, catch_up)
+        if row is None:
+            raise self._not_found(saga_id)
+        snapshot, definition, partition = row
         return SagaView(
-            state=state,
+            snapshot=json.loads(snapshot),
+            definition_json=definition,
             partition=partition,
             claim=self.claims().get(partition),
             history=tuple(self.history(saga_id, catch_up=False)),
@@ -899,7 +956,8 @@ class ReadModel:
     def _filters(
         status: SagaStatus | None, saga_type: str | None, with_incident: bool = False
     ) -> tuple[str, list[Any]]:
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if with_incident:
             clauses.append("incidents != '[]'")  # the partial index's condition, word for word
         if status is not None:
@@ -912,6 +970,8 @@ class ReadModel:
 
     def counts_by_status(self) -> dict[SagaStatus, int]:
         """Sagas per status, as of the last catch-up (every status present, zeros included)."""
+        from sagalog.records import SagaStatus
+
         counts = dict.fromkeys(SagaStatus, 0)
         for status, n in self.db.execute("SELECT status, count(*) FROM sagas GROUP BY status"):
             counts[SagaStatus(status)] = n
@@ -919,6 +979,8 @@ class ReadModel:
 
     def statuses(self, saga_ids: Iterable[str]) -> dict[str, SagaStatus]:
         """Status of each of these sagas that the model knows (as of the last catch-up)."""
+        from sagalog.records import SagaStatus
+
         ids = list(saga_ids)
         out: dict[str, SagaStatus] = {}
         for i in range(0, len(ids), 500):
@@ -1001,15 +1063,11 @@ class ReadModel:
             time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))  # polling with a deadline
 
 
-def _position(msg: Message) -> tuple[int, int]:
-    """Partition and offset of what ``consume()`` returned (set on messages and on EOF events)."""
-    partition, offset = msg.partition(), msg.offset()
-    assert partition is not None and offset is not None
-    return partition, offset
-
-
 def _state_from_row(snapshot: str, definition: str) -> SagaState:
-    data = json.loads(snapshot)
-    data["definition"] = definition
-    return SagaState.model_validate(data)
+    return _state_from_data(json.loads(snapshot), definition)
 
+
+def _state_from_data(snapshot: Mapping[str, Any], definition: str) -> SagaState:
+    from sagalog.fold import SagaState
+
+    return SagaState.model_validate({**snapshot, "definition": definition})

@@ -11,7 +11,9 @@ is what the very first query of a cold cache costs), then single-saga queries ar
 * ``status``: what one ``saga status ID`` does minus the interpreter start: open the read model,
   catch up the saga's partition (metadata, watermarks, nothing new), look the saga up;
 * ``status_reused_model``: the same lookup on a read model kept open (a service answering queries);
-* ``cli``: the command itself as a subprocess, interpreter start included (a few samples).
+* ``cli``: ``saga status ID`` itself as a fresh process, interpreter start, imports and the printed
+  tables included: what a person typing it waits for (the issue's bound: 250 ms);
+  ``cli_json``: the same with ``--json``, what a script waits for.
 """
 
 from __future__ import annotations
@@ -126,31 +128,41 @@ def _run(ctx: Context, topics: Topics) -> dict[str, Any]:
         result["status_p50_ms"] = result["status"]["p50_ms"]
         result["status_p99_ms"] = result["status"]["p99_ms"]
         result["measured"] = "ReadModel(...).view(id) in process, a fresh read model per query, as 'saga status' does"
-    cli = []
+    cli: list[float] = []
+    cli_json: list[float] = []
     for saga_id in sample[: cfg.query_cli_samples]:
-        ctx.progress.status(f"query: 'saga status {saga_id}' as a subprocess")
-        t0 = time.perf_counter()
-        done = subprocess.run(
-            [
-                sys.executable, "-m", "sagacli", "status", saga_id, "--json",
-                "-b", ctx.bootstrap, "--topic-prefix", topics.prefix, "--state-dir", str(state_dir),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        cli.append((time.perf_counter() - t0) * 1000)
-        if done.returncode != 0:
-            raise RuntimeError(f"saga status {saga_id} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        _check_cli_json(done.stdout, saga_id)
+        ctx.progress.status(f"query: 'saga status {saga_id}' as a fresh process")
+        for as_json, times in ((False, cli), (True, cli_json)):
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [
+                    sys.executable, "-m", "sagacli", "status", saga_id, *(["--json"] if as_json else []),
+                    "-b", ctx.bootstrap, "--topic-prefix", topics.prefix, "--state-dir", str(state_dir),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )  # fmt: skip
+            times.append((time.perf_counter() - t0) * 1000)
+            if done.returncode != 0:
+                failed = done.stderr.strip()[-500:]
+                raise RuntimeError(f"saga status {saga_id} failed ({done.returncode}): {failed}")
+            if as_json:
+                _check_cli_json(done.stdout, saga_id)
+            elif saga_id not in done.stdout or "COMPLETED" not in done.stdout:
+                raise RuntimeError(f"saga status {saga_id} does not show it COMPLETED: {done.stdout[:300]!r}")
     result["cli"] = summary(cli)
+    result["cli_json"] = summary(cli_json)
+    result["cli_p50_ms"] = result["cli"].get("p50_ms")
+    result["cli_measured"] = "'saga status ID' (and --json) as a fresh process: interpreter, imports, output"
     if "status_p99_ms" not in result:  # no read model module: the CLI is all there is to time
         result["status_p50_ms"] = result["cli"]["p50_ms"]
         result["status_p99_ms"] = result["cli"]["p99_ms"]
         result["measured"] = "'saga status ID' as a subprocess (interpreter start included)"
     ctx.progress.note(
         f"query: saga status p50 {result['status_p50_ms']:.1f} ms, p99 {result['status_p99_ms']:.1f} ms with {n:,} sagas "
-        f"in the log (CLI with interpreter start: p50 {result['cli'].get('p50_ms', float('nan')):.0f} ms)"
+        f"in the log; 'saga status' as a fresh process: p50 {result['cli'].get('p50_ms', float('nan')):.0f} ms "
+        f"(--json {result['cli_json'].get('p50_ms', float('nan')):.0f} ms)"
     )
     return result
 

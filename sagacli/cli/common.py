@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -47,7 +49,10 @@ class OneLineCommand(click.Command):
             raise _one_line(err) from err
 
 
-def main_group() -> type[click.Group]:
+def main_group(lazy: Mapping[str, str] | None = None) -> type[click.Group]:
+    """The class of the ``saga`` group. ``lazy``: command name -> the module that adds the command
+    to the group when imported; it is imported only when that command is asked for."""
+
     class SagaGroup(click.Group):
         command_class = OneLineCommand
         group_class = type  # sub-groups (saga topics, saga participant) are SagaGroups too
@@ -72,7 +77,22 @@ def main_group() -> type[click.Group]:
                 click.secho(f"error: {err}", fg="red", err=True)
                 sys.exit(2 if not getattr(err, "retryable", False) else 3)
 
-    return SagaGroup
+    if not lazy:
+        return SagaGroup
+    lazy_commands = dict(lazy)
+
+    class LazySagaGroup(SagaGroup):
+        group_class = SagaGroup  # a sub-group lists and finds only its own commands
+
+        def list_commands(self, ctx: click.Context) -> list[str]:
+            return sorted({*super().list_commands(ctx), *lazy_commands})
+
+        def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+            if cmd_name not in self.commands and cmd_name in lazy_commands:
+                importlib.import_module(lazy_commands[cmd_name])
+            return super().get_command(ctx, cmd_name)
+
+    return LazySagaGroup
 
 
 bootstrap_option = click.option(
@@ -119,3 +139,28 @@ wait_for_broker_option = click.option(
     help="At startup, keep trying this long to reach the broker (0: fail at once, exit 3). Under a "
     "supervisor that restarts the process while its broker restarts too, give it time instead.",
 )
+
+
+def import_kafka_client() -> None:
+    """Import confluent_kafka for a short-lived command without the asyncio it imports at once but
+    uses only in its asyncio clients (``confluent_kafka._serde_builder``): asyncio (with ssl,
+    subprocess, ...) was 40-50 ms of a fresh ``saga status`` process on a 2-core machine. The
+    stand-in it gets imports the real asyncio at its first use, so code that uses it (through
+    confluent_kafka or otherwise) sees no difference. Does nothing once either is imported."""
+    if "confluent_kafka" in sys.modules or "asyncio" in sys.modules:
+        return
+    sys.modules["asyncio"] = _ImportedOnUse("asyncio")
+    try:
+        import confluent_kafka  # noqa: F401
+    finally:
+        if isinstance(sys.modules.get("asyncio"), _ImportedOnUse):
+            del sys.modules["asyncio"]  # from now on `import asyncio` imports the real one
+
+
+class _ImportedOnUse(types.ModuleType):
+    """Stands in for a module until one of its attributes is used, then imports the real one."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from sagacli.cli import cli
-from sagacli.cli.common import OneLineCommand, bootstrap_option, prefix_option
+from sagacli.cli.common import OneLineCommand, bootstrap_option, import_kafka_client, prefix_option
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from sagalog.definition import DefinitionSet
     from sagalog.fold import SagaState
     from sagalog.readmodel import HistoryEntry, SagaView
-    from sagalog.records import Incident
 
 EXIT_ABORTED = 4
 EXIT_TIMEOUT = 5
@@ -86,6 +85,7 @@ def _client(
     client_settings: tuple[str, ...],
     definitions: DefinitionSet | None = None,
 ) -> Iterator[SagaClient]:
+    import_kafka_client()
     from sagacli.cli.topics import topics_for
     from sagalog.client import SagaClient
     from sagalog.kafka import parse_overrides
@@ -471,50 +471,63 @@ def _start_many(
 
 
 # --- status -----------------------------------------------------------------------------------
+#
+# ``saga status`` shows the saga from what the read model stores (JSON: ``SagaView.snapshot`` and
+# ``definition_data``), never from pydantic models: a fresh process then imports neither pydantic
+# nor the codec when the log has nothing new for the saga's partition (tests/test_cli_startup.py).
+
+_TERMINAL = ("COMPLETED", "ABORTED")
 
 
 def _view_json(view: SagaView) -> dict[str, Any]:
-    state = view.state
-    definition = view.definition
+    state = view.snapshot
+    steps = {s["name"]: s for s in view.definition_data["steps"]}
+    dependencies = view.dependencies()
     return {
-        "saga_id": state.saga_id,
-        "saga_type": state.saga_type,
-        "definition_version": definition.version,
-        "status": state.status.value,
-        "reason": state.reason,
-        "incidents": [_incident_json(state, incident) for incident in state.incidents],
+        "saga_id": state["saga_id"],
+        "saga_type": state["saga_type"],
+        "definition_version": view.definition_data["version"],
+        "status": state["status"],
+        "reason": state.get("reason"),
+        "incidents": [_incident_json(state["saga_id"], incident) for incident in state.get("incidents", ())],
         "current_steps": list(view.current),
         "partition": view.partition,
         "owner": None
         if view.claim is None
         else {"instance": view.claim.owner, "epoch": view.claim.epoch, "claimed_ms": view.claim.claimed_ms},
-        "seq": state.seq,
-        "epoch": state.epoch,
-        "started_ms": state.started_ms,
-        "updated_ms": state.updated_ms,
-        "payload": _parse_json(state.payload),
+        "seq": state["seq"],
+        "epoch": state["epoch"],
+        "started_ms": state["started_ms"],
+        "updated_ms": state["updated_ms"],
+        "payload": _parse_json(state["payload"]),
         "steps": [
             {
-                "name": step.name,
-                "participant": definition.by_name[step.name].participant,
-                "depends_on": list(definition.dependencies(step.name)),
-                "status": step.status.value,
-                "attempts": step.attempt,
-                "compensation_attempts": step.comp_attempt,
-                "deadline_ms": step.deadline_ms or None,
-                "output": _parse_json(step.output),
-                "error": step.error,
+                "name": step["name"],
+                "participant": steps[step["name"]]["participant"],
+                "depends_on": list(dependencies[step["name"]]),
+                "status": step["status"],
+                "attempts": step.get("attempt", 0),
+                "compensation_attempts": step.get("comp_attempt", 0),
+                "deadline_ms": step.get("deadline_ms") or None,
+                "output": _parse_json(step.get("output")),
+                "error": step.get("error"),
             }
-            for step in state.steps
+            for step in state["steps"]
         ],
         "history": [entry.as_json() for entry in view.history],
     }
 
 
-def _incident_json(state: SagaState, incident: Incident) -> dict[str, Any]:
-    from sagalog.readmodel import incident_json
-
-    return {**incident_json(incident), "commands": _incident_commands(state.saga_id, incident.step)}
+def _incident_json(saga_id: str, incident: dict[str, Any]) -> dict[str, Any]:
+    """An open incident (the snapshot's JSON of :class:`sagalog.records.Incident`) and the two
+    commands that end it."""
+    return {
+        "step": incident["step"],
+        "reason": incident["reason"],
+        "opened_ms": incident["opened_ms"],
+        "attempts": incident["attempts"],
+        "commands": _incident_commands(saga_id, incident["step"]),
+    }
 
 
 def _incident_commands(saga_id: str, step: str) -> list[str]:
@@ -573,47 +586,50 @@ def _print_view(view: SagaView) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    state, definition = view.state, view.definition
+    state = view.snapshot
+    steps_by_name = {s["name"]: s for s in state["steps"]}
+    participants = {s["name"]: s["participant"] for s in view.definition_data["steps"]}
     console = _console()
-    took = _duration(state.updated_ms - state.started_ms)
+    took = _duration(state["updated_ms"] - state["started_ms"])
     console.print(
-        f"[bold]saga {escape(state.saga_id)}[/]  {escape(state.saga_type)} v{definition.version}  "
-        f"{_styled(state.status.value, _STATUS_STYLE)}"
+        f"[bold]saga {escape(state['saga_id'])}[/]  {escape(state['saga_type'])} v{view.definition_data['version']}  "
+        f"{_styled(state['status'], _STATUS_STYLE)}"
     )
-    timing = f"started {_date(state.started_ms)}, last change {_clock(state.updated_ms)}"
-    timing += f" ({'took' if state.status.terminal else 'running for'} {took})"
+    timing = f"started {_date(state['started_ms'])}, last change {_clock(state['updated_ms'])}"
+    timing += f" ({'took' if state['status'] in _TERMINAL else 'running for'} {took})"
     console.print(f"  {timing}")
     owner = f", owner {escape(view.claim.owner)} (epoch {view.claim.epoch})" if view.claim else ", no owner claimed yet"
     console.print(f"  log partition {view.partition}{owner}")
-    if state.reason:
-        console.print(f"  reason: {escape(state.reason)}")
-    for incident in state.incidents:
-        _print_incident(console, state, incident)
+    if state.get("reason"):
+        console.print(f"  reason: {escape(state['reason'])}")
+    incidents = state.get("incidents", ())
+    for incident in incidents:
+        _print_incident(console, state["saga_id"], incident)
     if view.current:
         current = ", ".join(
-            f"{name} ({state.step(name).status.value.lower()}, attempt "
-            f"{state.step(name).comp_attempt if state.step(name).status == 'COMPENSATING' else state.step(name).attempt})"
+            f"{name} ({steps_by_name[name]['status'].lower()}, attempt {_attempt_now(steps_by_name[name])})"
             for name in view.current
         )
         console.print(f"  current step(s): {escape(current)}")
-    console.print(f"  payload: {escape(_short(state.payload, 100))}")
+    console.print(f"  payload: {escape(_short(state['payload'], 100))}")
 
     steps = Table(title="steps", title_justify="left")
-    incident_steps = {i.step for i in state.incidents}
+    incident_steps = {i["step"] for i in incidents}
     for column in ("step", "participant", "status", "attempts", "output", "error"):
         steps.add_column(column, overflow="fold")
-    for step in state.steps:
-        attempts = str(step.attempt) + (f" (+{step.comp_attempt} comp.)" if step.comp_attempt else "")
-        status = _styled(step.status.value, _STEP_STYLE)
-        if step.name in incident_steps:
+    for step in state["steps"]:
+        comp_attempt = step.get("comp_attempt", 0)
+        attempts = str(step.get("attempt", 0)) + (f" (+{comp_attempt} comp.)" if comp_attempt else "")
+        status = _styled(step["status"], _STEP_STYLE)
+        if step["name"] in incident_steps:
             status += " [bold red](incident)[/]"
         steps.add_row(
-            escape(step.name),
-            escape(definition.by_name[step.name].participant),
+            escape(step["name"]),
+            escape(participants[step["name"]]),
             status,
             attempts,
-            escape(_short(step.output, 40)),
-            escape(_short(step.error, 50)),
+            escape(_short(step.get("output"), 40)),
+            escape(_short(step.get("error"), 50)),
         )
     console.print(steps)
 
@@ -626,7 +642,7 @@ def _print_view(view: SagaView) -> None:
         timeline.add_row(
             "" if entry.seq is None else str(entry.seq),
             _clock(entry.timestamp_ms),
-            str(entry.timestamp_ms - state.started_ms),
+            str(entry.timestamp_ms - state["started_ms"]),
             event,
             detail,
             "" if entry.epoch is None else str(entry.epoch),
@@ -634,18 +650,23 @@ def _print_view(view: SagaView) -> None:
     console.print(timeline)
 
 
-def _print_incident(console: Console, state: SagaState, incident: Incident) -> None:
+def _attempt_now(step: dict[str, Any]) -> int:
+    """The attempt a current step is at: its compensation's while compensating."""
+    return int(step.get("comp_attempt", 0) if step["status"] == "COMPENSATING" else step.get("attempt", 0))
+
+
+def _print_incident(console: Console, saga_id: str, incident: dict[str, Any]) -> None:
     """An open incident, so that nobody misses it: what, since when, and the two ways out."""
     from rich.markup import escape
 
-    since = _duration(max(0, int(time.time() * 1000) - incident.opened_ms))
-    attempts = f"{incident.attempts} compensation attempt{'s' if incident.attempts != 1 else ''}"
+    since = _duration(max(0, int(time.time() * 1000) - incident["opened_ms"]))
+    attempts = f"{incident['attempts']} compensation attempt{'s' if incident['attempts'] != 1 else ''}"
     console.print(
-        f"  [bold red]INCIDENT[/] on step [bold]{escape(incident.step)}[/]: its compensation waits for an "
-        f"operator (since {_date(incident.opened_ms)}, {since} ago; after {attempts})"
+        f"  [bold red]INCIDENT[/] on step [bold]{escape(incident['step'])}[/]: its compensation waits for an "
+        f"operator (since {_date(incident['opened_ms'])}, {since} ago; after {attempts})"
     )
-    console.print(f"    reason: {escape(incident.reason)}")
-    retry, resolve = _incident_commands(state.saga_id, incident.step)
+    console.print(f"    reason: {escape(incident['reason'])}")
+    retry, resolve = _incident_commands(saga_id, incident["step"])
     console.print(f"    try it again (a new retry budget):  {escape(retry)}")
     console.print(f"    it was undone by hand:              {escape(resolve)}")
 
