@@ -193,7 +193,6 @@ class Manager:
         self._takeovers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="saga-takeover")
         self._next_audit = 0.0
         self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="saga-commit")
-        self.reader = Consumer(reader_config(settings.bootstrap, overrides={"group.id": f"saga-replay-{settings.instance_id}", **overrides}))
         self.metrics: ManagerMetrics | None = None
         #: Where /metrics is served, once run() started the server.
         self.metrics_address: tuple[str, int] | None = None
@@ -238,7 +237,6 @@ class Manager:
             log.warning("closing consumer: %s", translate(err, "close"))
         self._takeovers.shutdown(wait=True, cancel_futures=True)
         self._prepared.clear()
-        self.reader.close()
         self._writers.shutdown(wait=True)
 
     def step(self) -> None:
@@ -398,9 +396,7 @@ class Manager:
         if not ready:
             return out
         fenced_s = time.monotonic() - started
-        # The managers' group id: never subscribed, never committing, this reader only fetches the
-        # group's committed inbox offsets (an OffsetFetch needs no membership).
-        reader = Consumer(reader_config(self.settings.bootstrap, overrides={"group.id": self.settings.group_id, **self.settings.client_overrides}))
+        reader = self._new_reader()
         try:
             folds = self._replay_many(ready, reader)
             # After fencing, the committed offsets are final: the previous owner's open transaction
@@ -474,7 +470,8 @@ class Manager:
         _, attempt = self._pending[p]
         # Soon again, but not in a tight loop: a check is cheap, and every second waited is a
         # second the partition's sagas are not served. Once prepared, only a check remains.
-        delay = min(0.5 if prepared else 2.0, 0.1 * 2 ** (attempt - 1) if prepared else 0.25 * 2 ** (attempt - 1))
+        first, most = (0.1, 0.5) if prepared else (0.25, 2.0)
+        delay = min(most, first * 2 ** (attempt - 1))
         log.warning("partition %d: takeover deferred (attempt %d): %s; next try in %.1f s", p, attempt, why, delay)
         self._schedule_takeover(p, delay, attempt + 1)
 
@@ -501,7 +498,8 @@ class Manager:
         if isinstance(producer, BrokerError):
             raise producer
         fenced_s = time.monotonic() - started
-        fold = self._replay_many([p])[p]
+        with contextlib.closing(self._new_reader()) as reader:
+            fold = self._replay_many([p], reader)[p]
         self._claim(p, producer, fold, started, fenced_s, time.monotonic() - started - fenced_s)
 
     def _claim(self, p: int, producer: Producer, fold: PartitionFold, started: float, fenced_s: float, replayed_s: float) -> None:
@@ -538,7 +536,13 @@ class Manager:
             1000 * (claim_began - started - fenced_s - replayed_s), 1000 * (time.monotonic() - claim_began),
         )  # fmt: skip
 
-    def _replay_many(self, partitions: list[int], reader: Consumer | None = None) -> dict[int, PartitionFold]:
+    def _new_reader(self) -> Consumer:
+        """A consumer for one takeover's replay. It carries the managers' group id but never
+        subscribes nor commits: besides reading the log, it only fetches the group's committed
+        inbox offsets (an OffsetFetch needs no membership)."""
+        return Consumer(reader_config(self.settings.bootstrap, overrides={"group.id": self.settings.group_id, **self.settings.client_overrides}))
+
+    def _replay_many(self, partitions: list[int], reader: Consumer) -> dict[int, PartitionFold]:
         """Read log partitions from the beginning to their ends and rebuild their sagas.
 
         The end is the partition-EOF event, never the high watermark: some brokers (Tansu)
@@ -548,7 +552,7 @@ class Manager:
         messages: dict[int, list[tuple[bytes | None, bytes | None, int]]] = {p: [] for p in partitions}
         ends: dict[int, int] = {}
         reading = read_to_end(
-            reader or self.reader,
+            reader,
             self.topics.log,
             dict.fromkeys(partitions, OFFSET_BEGINNING),
             doing=f"replaying log partitions {partitions}",

@@ -122,9 +122,9 @@ def _run(ctx: Context, topics: Topics, definitions: DefinitionSet) -> dict[str, 
     timing: dict[str, float] = {}
     replay = manager._replay_many
 
-    def timed_replay(partitions: list[int]) -> dict[int, PartitionFold]:
+    def timed_replay(partitions: list[int], reader: Consumer) -> dict[int, PartitionFold]:
         t0 = time.perf_counter()
-        result = replay(partitions)
+        result = replay(partitions, reader)
         timing["replay_s"] = time.perf_counter() - t0
         timing["applied"] = result[PARTITION].applied
         timing["rejected"] = result[PARTITION].rejected_count
