@@ -72,3 +72,27 @@ def test_the_checker_catches_a_fenced_epochs_command_taking_effect_after_a_newer
     assert not fenced.ok and fenced.count == 2
     assert any("s1 x/EXECUTE@3 then x/COMPENSATE@2" in e for e in fenced.examples)
     assert any("s2 epoch 5 above every epoch on the log (4)" in e for e in fenced.examples)
+
+
+def test_a_broker_restart_overtaken_by_a_kill_leaves_the_broker_down(tmp_path) -> None:
+    """Restarts took 7-30 s and faults came every 5-9 s: a restart that finished after a newer kill
+    ended the downtime, and queries made while the broker was down counted as failures."""
+    import threading
+
+    from harness import wait_for
+
+    fake = tmp_path / "kafka.sh"  # a "start" that waits until the test lets it finish
+    fake.write_text(f'#!/bin/sh\ntouch "{tmp_path}/starting"\nwhile [ ! -e "{tmp_path}/go" ]; do sleep 0.01; done\n')
+    fake.chmod(0o755)
+    settings = ChaosSettings(seed=1, work_dir=tmp_path, faults=("broker",), kafka_sh=fake, bootstrap="127.0.0.1:1")
+    chaos = Chaos(settings, echo=lambda line: None)
+    chaos._kill_broker()
+    restart = threading.Thread(target=chaos._start_broker)
+    restart.start()
+    wait_for((tmp_path / "starting").exists, 10, "the restart to begin")
+    chaos._kill_broker()  # the next fault, while the first restart is still starting
+    (tmp_path / "go").touch()
+    restart.join(10)
+    assert chaos._broker_down_until == float("inf")  # still down: only a later restart ends it
+    chaos._start_broker()
+    assert chaos._broker_down_until < float("inf")
