@@ -2,8 +2,9 @@
 
 A fresh ``saga status ID`` must answer in well under a quarter of a second, and most of that is
 Python importing modules (measured on a 2-core machine: pydantic and the record models ~0.3 s,
-asyncio through confluent_kafka ~50 ms, rich ~0.1 s with its rendering, every other command's
-module ~20 ms). Timing it here would fail on a busy machine and pass a slow change on a fast one,
+asyncio through confluent_kafka ~50 ms, rich ~0.1 s with its rendering (the text view is printed
+without it), every other command's module ~20 ms, the garbage collector ~60 ms (off for short
+commands)). Timing it here would fail on a busy machine and pass a slow change on a fast one,
 so these tests pin the structure instead: which modules a ``saga status`` process ends with.
 """
 
@@ -114,15 +115,22 @@ def test_status_json_imports_no_model_no_codec_no_asyncio_no_rich(warm: list[str
     assert {m for m in modules if m.startswith("sagacli")} <= CLI_MODULES
 
 
-def test_status_text_imports_rich_but_no_model_no_codec_no_asyncio(warm: list[str]) -> None:
+def test_status_text_imports_no_model_no_codec_no_asyncio_no_rich(warm: list[str]) -> None:
     done, modules = _modules_after("status", "fast-1", *warm)
     assert done.returncode == 0, done.stderr
-    assert (
-        "saga fast-1  fan-out v1  RUNNING" in done.stdout
-        and "current step(s): b (running, attempt 1)" in done.stdout
-    )
-    assert sorted(m for m in HEAVY if m in modules) == []
-    assert set(RICH) <= modules
+    lines = done.stdout.splitlines()
+    assert lines[0] == "saga fast-1  fan-out v1  RUNNING"  # no colour codes when not on a terminal
+    assert "  current step(s): b (running, attempt 1)" in lines
+    # Aligned columns under capitalised headers, one row per step and per log record.
+    steps = lines[lines.index("steps") + 1 :][:4]
+    assert steps[0].split() == ["STEP", "PARTICIPANT", "STATUS", "ATTEMPTS", "OUTPUT", "ERROR"]
+    assert [row.split()[:3] for row in steps[1:]] == [["a", "pa", "SUCCEEDED"], ["b", "pb", "RUNNING"], ["c", "pc", "PENDING"]]
+    status_at = {row.index(word) for row, word in zip(steps[1:], ("SUCCEEDED", "RUNNING", "PENDING"), strict=True)}
+    assert status_at == {steps[0].index("STATUS")}
+    timeline = lines[lines.index("time line (log records)") + 1 :]
+    assert timeline[0].split() == ["SEQ", "TIME", "+MS", "EVENT", "DETAILS", "EPOCH"]
+    assert [row.split()[0] for row in timeline[1:]] == ["1", "2", "3", "4"]
+    assert sorted(m for m in HEAVY + RICH if m in modules) == []
     assert {m for m in modules if m.startswith("sagacli")} <= CLI_MODULES
 
 
@@ -178,3 +186,16 @@ def test_confluent_kafka_without_asyncio_still_finds_it_when_used() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("command", "collector_on"), [("status", False), ("start", False), ("list", False), ("manager", True)])
+def test_only_short_lived_commands_run_without_the_garbage_collector(command: str, collector_on: bool) -> None:
+    code = (
+        "import gc, sys\n"
+        f"sys.argv = ['saga', {command!r}, '--help']\n"
+        "from sagacli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write(f'COLLECTOR {gc.isenabled()}')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr.endswith(f"COLLECTOR {collector_on}"), done.stderr

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -583,71 +583,95 @@ def status_command(
 
 
 def _print_view(view: SagaView) -> None:
-    from rich.markup import escape
-    from rich.table import Table
+    """The saga as aligned plain text (``kubectl get`` style): no table library on this path.
 
+    ``saga status`` is the command people run in a loop and from scripts; rich's import and first
+    render cost ~0.1 s of a fresh process, more than the rest of the query, so this view is
+    printed with click (already loaded), which also drops the colours when not on a terminal."""
     state = view.snapshot
     steps_by_name = {s["name"]: s for s in state["steps"]}
     participants = {s["name"]: s["participant"] for s in view.definition_data["steps"]}
-    console = _console()
     took = _duration(state["updated_ms"] - state["started_ms"])
-    console.print(
-        f"[bold]saga {escape(state['saga_id'])}[/]  {escape(state['saga_type'])} v{view.definition_data['version']}  "
-        f"{_styled(state['status'], _STATUS_STYLE)}"
-    )
+    lines = [
+        f"{click.style('saga ' + state['saga_id'], bold=True)}  {state['saga_type']} "
+        f"v{view.definition_data['version']}  {_colour(state['status'], _STATUS_STYLE)}"
+    ]
     timing = f"started {_date(state['started_ms'])}, last change {_clock(state['updated_ms'])}"
-    timing += f" ({'took' if state['status'] in _TERMINAL else 'running for'} {took})"
-    console.print(f"  {timing}")
-    owner = f", owner {escape(view.claim.owner)} (epoch {view.claim.epoch})" if view.claim else ", no owner claimed yet"
-    console.print(f"  log partition {view.partition}{owner}")
+    lines.append(f"  {timing} ({'took' if state['status'] in _TERMINAL else 'running for'} {took})")
+    owner = f", owner {view.claim.owner} (epoch {view.claim.epoch})" if view.claim else ", no owner claimed yet"
+    lines.append(f"  log partition {view.partition}{owner}")
     if state.get("reason"):
-        console.print(f"  reason: {escape(state['reason'])}")
+        lines.append(f"  reason: {state['reason']}")
     incidents = state.get("incidents", ())
     for incident in incidents:
-        _print_incident(console, state["saga_id"], incident)
+        lines.extend(_incident_lines(state["saga_id"], incident))
     if view.current:
         current = ", ".join(
             f"{name} ({steps_by_name[name]['status'].lower()}, attempt {_attempt_now(steps_by_name[name])})"
             for name in view.current
         )
-        console.print(f"  current step(s): {escape(current)}")
-    console.print(f"  payload: {escape(_short(state['payload'], 100))}")
+        lines.append(f"  current step(s): {current}")
+    lines.append(f"  payload: {_short(state['payload'], 100)}")
 
-    steps = Table(title="steps", title_justify="left")
     incident_steps = {i["step"] for i in incidents}
-    for column in ("step", "participant", "status", "attempts", "output", "error"):
-        steps.add_column(column, overflow="fold")
+    step_rows: list[list[Cell]] = []
     for step in state["steps"]:
         comp_attempt = step.get("comp_attempt", 0)
         attempts = str(step.get("attempt", 0)) + (f" (+{comp_attempt} comp.)" if comp_attempt else "")
-        status = _styled(step["status"], _STEP_STYLE)
-        if step["name"] in incident_steps:
-            status += " [bold red](incident)[/]"
-        steps.add_row(
-            escape(step["name"]),
-            escape(participants[step["name"]]),
-            status,
+        status = step["status"] + (" (incident)" if step["name"] in incident_steps else "")
+        step_rows.append([
+            step["name"],
+            participants[step["name"]],
+            (status, _STEP_STYLE.get(step["status"], "")),
             attempts,
-            escape(_short(step.get("output"), 40)),
-            escape(_short(step.get("error"), 50)),
-        )
-    console.print(steps)
+            _short(step.get("output"), 40),
+            _short(step.get("error"), 50),
+        ])  # fmt: skip
+    lines += ["", "steps", *_columns(("step", "participant", "status", "attempts", "output", "error"), step_rows)]
 
-    timeline = Table(title="time line (log records)", title_justify="left")
-    for column in ("seq", "time", "+ms", "event", "details", "epoch"):
-        timeline.add_column(column, overflow="fold", justify="right" if column in ("seq", "+ms", "epoch") else "left")
-    for entry in view.history:
-        event = escape(entry.event_type) + (" [red](rejected)[/]" if entry.rejected else "")
-        detail = escape(_short(entry.rejected, 70)) if entry.rejected else escape(_event_detail(entry))
-        timeline.add_row(
+    history_rows: list[list[Cell]] = [
+        [
             "" if entry.seq is None else str(entry.seq),
             _clock(entry.timestamp_ms),
             str(entry.timestamp_ms - state["started_ms"]),
-            event,
-            detail,
+            (entry.event_type + " (rejected)", "red") if entry.rejected else entry.event_type,
+            _short(entry.rejected, 70) if entry.rejected else _event_detail(entry),
             "" if entry.epoch is None else str(entry.epoch),
-        )
-    console.print(timeline)
+        ]
+        for entry in view.history
+    ]
+    headers = ("seq", "time", "+ms", "event", "details", "epoch")
+    lines += ["", "time line (log records)", *_columns(headers, history_rows, right={0, 2, 5})]
+    click.echo("\n".join(lines))
+
+
+#: A table cell: its text, or (text, style) with a style of ``_STATUS_STYLE``'s kind.
+Cell = str | tuple[str, str]
+
+
+def _colour(text: str, styles: dict[str, str] | str) -> str:
+    """``text`` in a rich-like style ("bold red", "dim", "cyan"), as ANSI codes through click."""
+    style = styles if isinstance(styles, str) else styles.get(text, "")
+    words = style.split()
+    colour = next((w for w in words if w not in ("bold", "dim")), None)
+    return click.style(text, fg=colour, bold="bold" in words or None, dim="dim" in words or None) if words else text
+
+
+def _columns(headers: tuple[str, ...], rows: list[list[Cell]], right: Collection[int] = ()) -> list[str]:
+    """Left-aligned columns (right-aligned where ``right`` says), two spaces apart, headers in
+    capitals; widths count the text, not the colour codes."""
+    table = [[(cell, "") if isinstance(cell, str) else cell for cell in row] for row in rows]
+    heading = [(h.upper(), "bold") for h in headers]
+    widths = [max(len(row[i][0]) for row in [heading, *table]) for i in range(len(headers))]
+
+    def line(row: list[tuple[str, str]]) -> str:
+        cells = []
+        for i, (text, style) in enumerate(row):
+            pad = " " * (widths[i] - len(text))
+            cells.append(pad + _colour(text, style) if i in right else _colour(text, style) + pad)
+        return "  ".join(cells).rstrip()
+
+    return [line(row) for row in [heading, *table]]
 
 
 def _attempt_now(step: dict[str, Any]) -> int:
@@ -655,20 +679,18 @@ def _attempt_now(step: dict[str, Any]) -> int:
     return int(step.get("comp_attempt", 0) if step["status"] == "COMPENSATING" else step.get("attempt", 0))
 
 
-def _print_incident(console: Console, saga_id: str, incident: dict[str, Any]) -> None:
+def _incident_lines(saga_id: str, incident: dict[str, Any]) -> list[str]:
     """An open incident, so that nobody misses it: what, since when, and the two ways out."""
-    from rich.markup import escape
-
     since = _duration(max(0, int(time.time() * 1000) - incident["opened_ms"]))
     attempts = f"{incident['attempts']} compensation attempt{'s' if incident['attempts'] != 1 else ''}"
-    console.print(
-        f"  [bold red]INCIDENT[/] on step [bold]{escape(incident['step'])}[/]: its compensation waits for an "
-        f"operator (since {_date(incident['opened_ms'])}, {since} ago; after {attempts})"
-    )
-    console.print(f"    reason: {escape(incident['reason'])}")
     retry, resolve = _incident_commands(saga_id, incident["step"])
-    console.print(f"    try it again (a new retry budget):  {escape(retry)}")
-    console.print(f"    it was undone by hand:              {escape(resolve)}")
+    return [
+        f"  {_colour('INCIDENT', 'bold red')} on step {click.style(incident['step'], bold=True)}: its compensation "
+        f"waits for an operator (since {_date(incident['opened_ms'])}, {since} ago; after {attempts})",
+        f"    reason: {incident['reason']}",
+        f"    try it again (a new retry budget):  {retry}",
+        f"    it was undone by hand:              {resolve}",
+    ]
 
 
 # --- history ----------------------------------------------------------------------------------
