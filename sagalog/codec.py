@@ -23,8 +23,9 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from sagalog.errors import ConfigError, MalformedRecord, UnknownSchema
-from sagalog.records import EVENT_TYPES, TOP_LEVEL, Frozen, SagaLogRecord
+from sagalog import hotcodec
+from sagalog.errors import ConfigError, DecodeError, MalformedRecord, UnknownSchema
+from sagalog.records import AVRO_ENUMS, AVRO_MODELS, EVENT_TYPES, TOP_LEVEL, Frozen, SagaLogRecord
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -50,7 +51,9 @@ def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
 class Codec:
     """Encodes our pydantic records to single-object Avro and back.
 
-    Build one per process and share it: schemas are parsed once.
+    Build one per process and share it: schemas are parsed once. The current version of each
+    record is written and read by :mod:`sagalog.hotcodec` (generated for the schema on first
+    use); older writer versions are read by fastavro, which resolves them onto the current one.
     """
 
     def __init__(self, directory: Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
@@ -74,6 +77,8 @@ class Codec:
         if missing:
             raise ConfigError(f"schemas missing from {self.directory}: {sorted(missing)}")
         self._models = {cls.AVRO_NAME: cls for cls in TOP_LEVEL}
+        self._hot_writers: dict[str, hotcodec.Writer] = {}
+        self._hot_readers: dict[bytes, hotcodec.Reader] = {}  # by the current version's fingerprint
 
     @staticmethod
     def _load(path: Path) -> tuple[str, bytes, Any]:
@@ -96,6 +101,16 @@ class Codec:
     # --- encode ---------------------------------------------------------------------------
 
     def encode(self, record: Frozen) -> bytes:
+        name = record.AVRO_NAME
+        writer = self._hot_writers.get(name) or self._hot_writer(name)
+        try:
+            data = writer(record)
+        except (ValueError, OverflowError, TypeError, KeyError, AttributeError) as err:  # UnicodeEncodeError is a ValueError
+            raise MalformedRecord(f"cannot encode {name}: {type(err).__name__}: {err}") from err
+        return self._checked_size(name, data)
+
+    def encode_with_fastavro(self, record: Frozen) -> bytes:
+        """The reference encoding the hot codec is checked against (tests), by fastavro."""
         fp, schema = self._current[record.AVRO_NAME]
         out = io.BytesIO()
         out.write(MAGIC)
@@ -104,13 +119,24 @@ class Codec:
             fastavro.schemaless_writer(out, schema, _to_avro(record))
         except (ValueError, OverflowError, TypeError) as err:  # UnicodeEncodeError is a ValueError
             raise MalformedRecord(f"cannot encode {record.AVRO_NAME}: {type(err).__name__}: {err}") from err
-        data = out.getvalue()
+        return self._checked_size(record.AVRO_NAME, out.getvalue())
+
+    def _checked_size(self, name: str, data: bytes) -> bytes:
         if len(data) > self.max_bytes:
             raise MalformedRecord(
-                f"{record.AVRO_NAME} of {len(data)} bytes exceeds the {self.max_bytes}-byte limit; "
+                f"{name} of {len(data)} bytes exceeds the {self.max_bytes}-byte limit; "
                 "keep saga payloads and step outputs small (store large data elsewhere, pass a reference)"
             )
         return data
+
+    def _hot_writer(self, name: str) -> hotcodec.Writer:
+        fp, schema = self._current[name]
+        writer = self._hot_writers[name] = hotcodec.compile_writer(schema, MAGIC + fp, AVRO_MODELS, AVRO_ENUMS)
+        return writer
+
+    def _hot_reader(self, fp: bytes, name: str) -> hotcodec.Reader:
+        reader = self._hot_readers[fp] = hotcodec.compile_reader(self._current[name][1], AVRO_MODELS, AVRO_ENUMS)
+        return reader
 
     # --- decode ---------------------------------------------------------------------------
 
@@ -127,19 +153,35 @@ class Codec:
         if known is None:
             raise UnknownSchema(f"unknown schema fingerprint {fp.hex()} (written by a newer or foreign schema?)")
         name, writer = known
+        try:
+            if self._current[name][0] == fp:  # the current version: the hot codec
+                hot = self._hot_readers.get(fp) or self._hot_reader(fp, name)
+                record = hot(data, HEADER_LEN)
+                if name == SagaLogRecord.AVRO_NAME:
+                    _share_definition(record.snapshot.__dict__)  # type: ignore[attr-defined]
+                return record
+            return self._decode_older(data, name, writer)
+        except DecodeError:
+            raise
+        except Exception as err:  # truncated (IndexError), invalid UTF-8, a corrupt union branch, ...
+            raise MalformedRecord(f"corrupt {name}: {type(err).__name__}: {err}") from err
+
+    def decode_with_fastavro(self, data: bytes) -> Frozen:
+        """The reference decoding the hot codec is checked against (tests), by fastavro."""
+        known = self._writers[bytes(data[2:HEADER_LEN])]
+        return self._decode_older(data, *known)
+
+    def _decode_older(self, data: bytes, name: str, writer: Any) -> Frozen:
+        """Bytes of an older version (or any, for the reference): fastavro resolves them onto the
+        current schema, pydantic validates the result."""
         reader = self._current[name][1]
         body = io.BytesIO(data)
         body.seek(HEADER_LEN)
-        try:
-            datum = fastavro.schemaless_reader(body, writer, reader, return_record_name=True)
-            if body.tell() != len(data):
-                raise MalformedRecord(f"{len(data) - body.tell()} trailing bytes after a {name}")
-            assert isinstance(datum, dict)  # every schema of ours is a record
-            return _from_avro(self._models[name], datum)
-        except MalformedRecord:
-            raise
-        except Exception as err:  # fastavro raises many types (EOFError, ValueError, ...) on garbage
-            raise MalformedRecord(f"corrupt {name}: {type(err).__name__}: {err}") from err
+        datum = fastavro.schemaless_reader(body, writer, reader, return_record_name=True)
+        if body.tell() != len(data):
+            raise MalformedRecord(f"{len(data) - body.tell()} trailing bytes after a {name}")
+        assert isinstance(datum, dict)  # every schema of ours is a record
+        return _from_avro(self._models[name], datum)
 
 
 def _to_avro(record: Frozen) -> dict[str, Any]:
@@ -164,14 +206,17 @@ def _to_avro(record: Frozen) -> dict[str, Any]:
 _DEFINITIONS: dict[str, str] = {}
 
 
+def _share_definition(snapshot: dict[str, Any]) -> None:
+    definition = snapshot["definition"]
+    shared = _DEFINITIONS.get(definition)
+    if shared is None and len(_DEFINITIONS) < 10_000:
+        _DEFINITIONS[definition] = shared = definition
+    snapshot["definition"] = shared or definition
+
+
 def _from_avro(model: type[Frozen], datum: dict[str, Any]) -> Frozen:
     if model is SagaLogRecord:
         name, event = datum["event"]
         datum["event"] = EVENT_TYPES[name].model_validate(event)
-        snapshot = datum["snapshot"]
-        definition = snapshot["definition"]
-        shared = _DEFINITIONS.get(definition)
-        if shared is None and len(_DEFINITIONS) < 10_000:
-            _DEFINITIONS[definition] = shared = definition
-        snapshot["definition"] = shared or definition
+        _share_definition(datum["snapshot"])
     return model.model_validate(datum)

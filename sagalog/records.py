@@ -9,7 +9,7 @@ number and the writer's epoch.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +43,20 @@ class Frozen(BaseModel):
 
 
 _FIELD_NAMES: dict[type, set[str]] = {}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def trusted(cls: type[M], fields: dict[str, Any]) -> M:
+    """A model from values already of the model's types, without validating them again: for the
+    hot codec's decoder (the Avro types are the model's types) and for records built from models
+    that were validated. ``fields`` must name every field (no defaults are filled in)."""
+    new = object.__new__(cls)
+    object.__setattr__(new, "__dict__", fields)
+    object.__setattr__(new, "__pydantic_fields_set__", _field_names(cls))
+    object.__setattr__(new, "__pydantic_extra__", None)
+    object.__setattr__(new, "__pydantic_private__", None)
+    return new
 
 
 def _field_names(cls: type[BaseModel]) -> set[str]:
@@ -384,3 +398,12 @@ TOP_LEVEL: tuple[type[Frozen], ...] = (
     DeadLetter,
 )
 InboxMessage = StartSaga | CancelSaga | OperatorAction | ParticipantReply
+
+
+#: Every model of an Avro record, by full Avro name (the hot codec builds them by this name).
+_NESTED: tuple[type[Frozen], ...] = (StepSnapshot, Incident, SagaSnapshot)
+AVRO_MODELS: dict[str, type[Frozen]] = {cls.AVRO_NAME: cls for cls in (*TOP_LEVEL, *EVENT_TYPES.values(), *_NESTED)}
+#: Every enum of the schemas, by full Avro name.
+AVRO_ENUMS: dict[str, type[StrEnum]] = {
+    f"sagalog.{cls.__name__}": cls for cls in (SagaStatus, StepStatus, StepOutcome, Action, ReplyOutcome, IncidentAction)
+}
