@@ -53,6 +53,7 @@ from sagalog.records import (
     StepEnded,
     StepOutcome,
     StepStatus,
+    trusted,
 )
 
 T = StepStatus
@@ -95,15 +96,17 @@ class Decision:
 
 
 def _record(state: SagaState, event: Event, ctx: Context) -> SagaLogRecord:
-    return SagaLogRecord(
-        saga_id=state.saga_id,
-        seq=state.seq,
-        epoch=ctx.epoch,
-        timestamp_ms=ctx.now_ms,
-        event=event,
-        snapshot=state.snapshot(),
-        writer=ctx.writer,
-    )
+    # Built from a validated state and event: not validated again (this runs for every record).
+    fields = {
+        "saga_id": state.saga_id,
+        "seq": state.seq,
+        "epoch": ctx.epoch,
+        "timestamp_ms": ctx.now_ms,
+        "event": event,
+        "snapshot": state.snapshot(),
+        "writer": ctx.writer,
+    }
+    return trusted(SagaLogRecord, fields)
 
 
 def ignore(state: SagaState | None, why: str) -> Decision:
@@ -410,19 +413,19 @@ def _retry_compensation_or_incident(
 
 def _command(state: SagaState, definition: SagaDefinition, step: str, action: Action, attempt: int, deadline_ms: int, ctx: Context) -> tuple[str, ParticipantCommand]:
     outputs = {s.name: json.loads(s.output) for s in state.steps if s.output is not None}
-    command = ParticipantCommand(
-        command_id=ParticipantCommand.make_id(state.saga_id, step, action),
-        saga_id=state.saga_id,
-        saga_type=state.saga_type,
-        step=step,
-        action=action,
-        attempt=attempt,
-        epoch=ctx.epoch,
-        payload=state.payload,
-        outputs=json.dumps(outputs, separators=(",", ":")),
-        reply_topic=ctx.reply_topic,
-        reply_partition=ctx.reply_partition,
-        deadline_ms=deadline_ms,
-        issued_ms=ctx.now_ms,
-    )
-    return definition.by_name[step].participant, command
+    fields = {
+        "command_id": ParticipantCommand.make_id(state.saga_id, step, action),
+        "saga_id": state.saga_id,
+        "saga_type": state.saga_type,
+        "step": step,
+        "action": action,
+        "attempt": attempt,
+        "epoch": ctx.epoch,
+        "payload": state.payload,
+        "outputs": json.dumps(outputs, separators=(",", ":")) if outputs else "{}",
+        "reply_topic": ctx.reply_topic,
+        "reply_partition": ctx.reply_partition,
+        "deadline_ms": deadline_ms,
+        "issued_ms": ctx.now_ms,
+    }
+    return definition.by_name[step].participant, trusted(ParticipantCommand, fields)  # from validated values

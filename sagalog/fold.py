@@ -57,6 +57,7 @@ from sagalog.records import (
     StepOutcome,
     StepSnapshot,
     StepStatus,
+    trusted,
 )
 
 S, T = SagaStatus, StepStatus
@@ -129,7 +130,8 @@ class SagaState(SagaSnapshot):
         return next((i for i in self.incidents if i.step == step), None)
 
     def snapshot(self) -> SagaSnapshot:
-        return SagaSnapshot(**{k: getattr(self, k) for k in _SNAPSHOT_FIELDS})
+        # The state's fields were validated (or built by the fold from validated events).
+        return trusted(SagaSnapshot, {k: getattr(self, k) for k in _SNAPSHOT_FIELDS})
 
     @classmethod
     def from_record(cls, record: SagaLogRecord) -> SagaState:

@@ -157,10 +157,26 @@ class _Compiler:
 
     def write(self, schema: Any, value: str, indent: str) -> list[str]:
         if isinstance(schema, str):
+            # Inline the common case (a small number, a short string): a byte, no function call.
             if schema in ("long", "int"):
-                return [f"{indent}write_{schema}(out, {value})"]
+                n = self.temp("n")
+                return [
+                    f"{indent}{n} = {value}",
+                    f"{indent}if 0 <= {n} < 64:",
+                    f"{indent}    out.append({n} << 1)",
+                    f"{indent}else:",
+                    f"{indent}    write_{schema}(out, {n})",
+                ]
             if schema == "string":
-                return [f"{indent}write_string(out, {value})"]
+                data = self.temp("data")
+                return [
+                    f"{indent}{data} = {value}.encode()",
+                    f"{indent}if len({data}) < 64:",
+                    f"{indent}    out.append(len({data}) << 1)",
+                    f"{indent}else:",
+                    f"{indent}    write_long(out, len({data}))",
+                    f"{indent}out += {data}",
+                ]
             if schema == "bytes":
                 return [f"{indent}write_bytes(out, {value})"]
             if schema == "null":
