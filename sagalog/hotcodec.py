@@ -33,15 +33,33 @@ INT32 = (-(2**31), 2**31 - 1)
 # --- the primitives the generated code calls ---------------------------------------------------
 
 
+#: Recent large numbers and their varints. A saga's snapshot repeats the same few timestamps
+#: (start, each step's dispatch time and deadline) in every record: a lookup instead of a loop.
+_VARINTS: dict[int, bytes] = {}
+_VARINTS_MAX = 1 << 16
+
+
 def write_long(out: bytearray, n: int) -> None:
     """Avro ``long``: zig-zag, then base-128 varint, least significant group first."""
+    encoded = _VARINTS.get(n)
+    if encoded is None:
+        encoded = varint(n)
+        if len(_VARINTS) >= _VARINTS_MAX:
+            _VARINTS.clear()
+        _VARINTS[n] = encoded
+    out += encoded
+
+
+def varint(n: int) -> bytes:
     if not -0x8000_0000_0000_0000 <= n <= 0x7FFF_FFFF_FFFF_FFFF:  # models check it; unvalidated ones too
         raise OverflowError(f"{n} does not fit an Avro long (64 bits)")
-    n = (n << 1) ^ (n >> 63)
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
+    z = (n << 1) ^ (n >> 63)
+    encoded = bytearray()
+    while z > 0x7F:
+        encoded.append((z & 0x7F) | 0x80)
+        z >>= 7
+    encoded.append(z)
+    return bytes(encoded)
 
 
 def write_int(out: bytearray, n: int) -> None:
