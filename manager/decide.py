@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from sagalog.definition import DefinitionSet, SagaDefinition
 from sagalog.errors import ConfigError
@@ -74,13 +75,17 @@ class Context:
 
 @dataclass
 class Decision:
-    """Records to append (in order) and commands to send, plus the state after the records."""
+    """Events to log (in order) and commands to send, plus the state after the events.
+
+    All of a decision's events go to the log as one record with the snapshot after the last
+    (``records``): one message and one snapshot per input, however many steps it moves."""
 
     state: SagaState | None
-    records: list[SagaLogRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     commands: list[tuple[str, ParticipantCommand]] = field(default_factory=list)  # (participant, cmd)
     ignored: str | None = None  # why the input changed nothing (for logs and dead letters)
     reject: bool = False  # the input is malformed or foreign, not merely late: dead-letter it
+    ctx: Context | None = None  # the writer's context the events were decided in
 
     @property
     def current(self) -> SagaState:
@@ -89,22 +94,32 @@ class Decision:
         return self.state
 
     def record(self, event: Event, ctx: Context) -> None:
-        """Apply ``event`` to the state and keep the record that says so."""
+        """Apply ``event`` to the state and keep it for the decision's record."""
         assert self.state is not None
         self.state = apply(self.state, event, ctx.now_ms, ctx.epoch)
-        self.records.append(_record(self.state, event, ctx))
+        self.events.append(event)
+        self.ctx = ctx
+
+    @cached_property
+    def records(self) -> list[SagaLogRecord]:
+        """The log record to append (none if nothing changed), built once the decision is made."""
+        if not self.events:
+            return []
+        assert self.state is not None and self.ctx is not None
+        return [_record(self.state, self.events, self.ctx)]
 
 
-def _record(state: SagaState, event: Event, ctx: Context) -> SagaLogRecord:
-    # Built from a validated state and event: not validated again (this runs for every record).
+def _record(state: SagaState, events: list[Event], ctx: Context) -> SagaLogRecord:
+    # Built from a validated state and events: not validated again (this runs for every record).
     fields = {
         "saga_id": state.saga_id,
         "seq": state.seq,
         "epoch": ctx.epoch,
         "timestamp_ms": ctx.now_ms,
-        "event": event,
+        "event": events[-1],
         "snapshot": state.snapshot(),
         "writer": ctx.writer,
+        "events_before": tuple(events[:-1]),
     }
     return trusted(SagaLogRecord, fields)
 
@@ -163,7 +178,7 @@ def on_start(existing: SagaState | None, finished: bool, request: StartSaga, def
     if existing is not None or finished:
         return ignore(existing, f"saga {request.saga_id} exists already (duplicate start)")
     event, state = begin(request.saga_id, definition, request.payload, ctx.now_ms, ctx.epoch)
-    decision = Decision(state=state, records=[_record(state, event, ctx)])
+    decision = Decision(state=state, events=[event], ctx=ctx)
     _advance(decision, ctx)
     return decision
 

@@ -45,6 +45,7 @@ from sagalog.records import (
     SagaBegun,
     SagaEnded,
     SagaLogRecord,
+    SagaSnapshot,
     SagaStatus,
     StepBegun,
     StepEnded,
@@ -80,10 +81,11 @@ class ManagerMetrics:
         self.commit_seconds = Histogram("saga_commit_duration_seconds", "One transaction, begin to commit.", buckets=_SECONDS, registry=r)
         r.register(_InFlight(manager))
 
-    def decided(self, records: list[SagaLogRecord]) -> None:
-        """Count what one decision's records say happened."""
-        for record in records:
-            event, snapshot = record.event, record.snapshot
+    def decided(self, records: list[SagaLogRecord], before: SagaSnapshot | None = None) -> None:
+        """Count what one decision's records say happened (``before``: the saga before them, for
+        when the steps that end now were dispatched)."""
+        for record, event in ((r, e) for r in records for e in r.events):
+            snapshot = record.snapshot
             saga_type = snapshot.saga_type
             if isinstance(event, StepBegun | CompensationBegun):
                 action = "execute" if isinstance(event, StepBegun) else "compensate"
@@ -92,7 +94,8 @@ class ManagerMetrics:
                     self.step_retries.labels(saga_type, event.step, action).inc()
             elif isinstance(event, StepEnded | CompensationEnded):
                 action = "execute" if isinstance(event, StepEnded) else "compensate"
-                dispatched = next((s.dispatch_at_ms for s in snapshot.steps if s.name == event.step), 0)
+                steps = (before or snapshot).steps  # a compensation begun in the same decision re-dispatches the step
+                dispatched = next((s.dispatch_at_ms for s in steps if s.name == event.step), 0)
                 if dispatched:
                     self.step_seconds.labels(saga_type, event.step, action).observe(max(0, record.timestamp_ms - dispatched) / 1000)
             elif isinstance(event, SagaBegun):

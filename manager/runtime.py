@@ -668,7 +668,7 @@ class Manager:
         for record in decision.records:
             out.log.append((key, self.codec.encode(record)))
         if self.metrics is not None:
-            self.metrics.decided(decision.records)
+            self.metrics.decided(decision.records, owned.live.get(state.saga_id))
         if self.tracing is not None:  # the attempts (and the saga) these records end, from the state before
             out.spans.extend(self.tracing.saga_spans(state.saga_id, owned.live.get(state.saga_id), decision.records, reply))
         self._after_decision(owned, state, decision.commands, now)

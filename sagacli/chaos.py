@@ -513,7 +513,7 @@ class Chaos:
             seq, _ = latest.get(item.saga_id, (0, ""))
             if item.seq > seq:
                 latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
-            events.setdefault(item.saga_id, []).append((type(item.event).__name__, getattr(item.event, "step", "")))
+            events.setdefault(item.saga_id, []).extend((type(e).__name__, getattr(e, "step", "")) for e in item.events)
             if item.saga_id not in dependencies:
                 steps = json.loads(item.snapshot.definition)["steps"]
                 deps: dict[str, list[str]] = {}

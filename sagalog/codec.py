@@ -192,6 +192,7 @@ def _to_avro(record: Frozen) -> dict[str, Any]:
         datum = dict(record.__dict__)
         # Unions of records are written as (name, datum) so fastavro need not guess the branch.
         datum["event"] = (record.event.AVRO_NAME, record.event.__dict__)
+        datum["events_before"] = [(event.AVRO_NAME, event.__dict__) for event in record.events_before]
         datum["snapshot"] = {
             **snapshot.__dict__,
             "steps": [step.__dict__ for step in snapshot.steps],
@@ -218,5 +219,6 @@ def _from_avro(model: type[Frozen], datum: dict[str, Any]) -> Frozen:
     if model is SagaLogRecord:
         name, event = datum["event"]
         datum["event"] = EVENT_TYPES[name].model_validate(event)
+        datum["events_before"] = tuple(EVENT_TYPES[n].model_validate(e) for n, e in datum.get("events_before", ()))
         _share_definition(datum["snapshot"])
     return model.model_validate(datum)

@@ -282,11 +282,13 @@ def operator_action_refusal(state: SagaState, action: IncidentAction, step: str)
 
 
 def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int = 0) -> SagaState:
-    """Fold one log record into a saga's state (``None``: nothing seen of this saga yet).
+    """Fold one log record (one decision: one or more events) into a saga's state (``None``:
+    nothing seen of this saga yet). The record applies whole or not at all.
 
     A saga seen for the first time at seq > 1 is one whose earlier records were compacted away or
     truncated: its snapshot is adopted as is (that is what the snapshot is for).
     """
+    first = record.first_seq
     if record.epoch < partition_epoch or (state is not None and record.epoch < state.epoch):
         seen = max(partition_epoch, state.epoch if state else 0)
         raise StaleEpoch(
@@ -296,23 +298,25 @@ def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int 
             state_seq=state.seq if state else None,
         )
     if state is None:
-        if record.seq == 1 and not isinstance(record.event, SagaBegun):
+        if first == 1 and not isinstance(record.events[0], SagaBegun):
             raise IllegalTransition(
-                f"{type(record.event).__name__} as the first record of a saga",
+                f"{type(record.events[0]).__name__} as the first event of a saga",
                 saga_id=record.saga_id,
-                seq=record.seq,
+                seq=first,
                 state_seq=None,
             )
         return SagaState.from_record(record)
     if record.saga_id != state.saga_id:
         raise WrongSaga("record belongs to another saga", saga_id=state.saga_id, seq=record.seq, state_seq=state.seq)
-    if record.seq <= state.seq:
+    if first <= state.seq:
         raise SequenceRepeat("already applied", saga_id=state.saga_id, seq=record.seq, state_seq=state.seq)
-    if record.seq > state.seq + 1:
+    if first > state.seq + 1:
         raise SequenceGap("records missing in between", saga_id=state.saga_id, seq=record.seq, state_seq=state.seq)
-    if isinstance(record.event, SagaBegun):
-        raise _fail(state, record.event, "saga has begun already", record.seq)
-    return apply(state, record.event, record.timestamp_ms, record.epoch)
+    for seq, event in enumerate(record.events, start=first):
+        if isinstance(event, SagaBegun):
+            raise _fail(state, event, "saga has begun already", seq)
+        state = apply(state, event, record.timestamp_ms, record.epoch)
+    return state
 
 
 def replay(records: Iterable[SagaLogRecord]) -> SagaState | None:

@@ -89,7 +89,7 @@ if TYPE_CHECKING:
     from sagalog.records import Incident, SagaStatus
 
 #: The layout of the file; a file of another version is rebuilt from the log. 2: sagas.incidents.
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: a history row per event (a log record holds a decision's events)
 #: How long ``saga status`` can still say "finished and removed" about a tombstoned saga.
 REMOVED_KEPT_MS = 7 * 24 * 3600 * 1000
 STATE_DIR_ENV = "SAGA_STATE_DIR"
@@ -162,7 +162,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One log record of a saga, as read (``rejected``: why the fold did not apply it)."""
+    """One event of a saga, as read from its log record (``rejected``: why the fold did not apply
+    the record). The events of one record share its partition, offset, epoch and timestamp."""
 
     partition: int
     offset: int
@@ -376,9 +377,10 @@ CREATE TABLE IF NOT EXISTS history (
     event TEXT NOT NULL,
     writer TEXT,
     rejected TEXT,
-    PRIMARY KEY (partition, offset)
+    part INTEGER NOT NULL DEFAULT 0, -- the event's place in its record (a record holds a decision's events)
+    PRIMARY KEY (partition, offset, part)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS history_by_saga ON history (saga_id, partition, offset);
+CREATE INDEX IF NOT EXISTS history_by_saga ON history (saga_id, partition, offset, part);
 CREATE TABLE IF NOT EXISTS removed (
     saga_id TEXT PRIMARY KEY,
     partition INTEGER NOT NULL,
@@ -770,23 +772,27 @@ class ReadModel:
                 rejected += 1
             if item.saga_id in fold.sagas and (why is None or fold.sagas[item.saga_id].seq == item.seq):
                 touched.add(item.saga_id)
-                if item.seq == 1:
+                if item.first_seq == 1:
                     db.execute("DELETE FROM removed WHERE saga_id = ?", (item.saga_id,))
-            db.execute(
-                "INSERT OR REPLACE INTO history (partition, offset, saga_id, seq, epoch, timestamp_ms, event_type, "
-                "event, writer, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    p,
-                    offset,
-                    item.saga_id,
-                    item.seq,
-                    item.epoch,
-                    item.timestamp_ms,
-                    type(item.event).__name__,
-                    item.event.model_dump_json(),
-                    item.writer,
-                    why,
-                ),
+            db.executemany(
+                "INSERT OR REPLACE INTO history (partition, offset, part, saga_id, seq, epoch, timestamp_ms, "
+                "event_type, event, writer, rejected) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        p,
+                        offset,
+                        part,
+                        item.saga_id,
+                        item.first_seq + part,
+                        item.epoch,
+                        item.timestamp_ms,
+                        type(event).__name__,
+                        event.model_dump_json(),
+                        item.writer,
+                        why,
+                    )
+                    for part, event in enumerate(item.events)
+                ],
             )
         for saga_id in touched:
             self._store_state(p, fold.sagas[saga_id])
@@ -906,7 +912,7 @@ class ReadModel:
             self.catch_up([self.partition_of(saga_id)])
         rows = self.db.execute(
             "SELECT partition, offset, seq, epoch, timestamp_ms, event_type, event, writer, rejected "
-            "FROM history WHERE saga_id = ? ORDER BY partition, offset",
+            "FROM history WHERE saga_id = ? ORDER BY partition, offset, part",
             (saga_id,),
         ).fetchall()
         if not rows:

@@ -279,7 +279,14 @@ class SagaSnapshot(Frozen):
 
 
 class SagaLogRecord(Frozen):
-    """One saga state change on the log: the event and the snapshot it produced."""
+    """One manager decision about a saga on the log: its events and the snapshot after them.
+
+    A decision often has several events (a step ends and the next begins; the last step ends and
+    the saga ends): they share one record, so one encoding of the snapshot and one message. The
+    last event is ``event`` (where records before schema version 5 kept their only one), the
+    earlier ones ``events_before``; ``events`` gives them all, in order. ``seq`` is the sequence
+    number of the last event: a record of n events covers ``seq - n + 1 .. seq``.
+    """
 
     AVRO_NAME: ClassVar[str] = "sagalog.SagaLogRecord"
     saga_id: str
@@ -289,6 +296,16 @@ class SagaLogRecord(Frozen):
     event: Event
     snapshot: SagaSnapshot
     writer: str | None = None
+    events_before: tuple[Event, ...] = ()
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return (*self.events_before, self.event)
+
+    @property
+    def first_seq(self) -> int:
+        """The sequence number of the record's first event."""
+        return self.seq - len(self.events_before)
 
 
 #: Log keys of partition claims start with this; a saga id never does (claims share the partitions).

@@ -339,16 +339,17 @@ class Tracing:
         (step, action, traceparent header) the participant reply that caused it, if any: the
         attempt span it ends is linked to the participant's span."""
         spans: list[ReadableSpan] = []
-        for record in records:
-            after = record.snapshot
-            trace = self.trace_of(saga_id, after)
-            event = record.event
+        for record, last, event in ((r, i == len(r.events) - 1, e) for r in records for i, e in enumerate(r.events)):
+            # A record holds all of a decision's events and the snapshot after the last; the
+            # states between them are folded here (none before a saga's first record).
+            after = record.snapshot if last else _after(before, event, record)
+            trace = self.trace_of(saga_id, record.snapshot)
             at = record.timestamp_ms
             prior = _step(before, getattr(event, "step", None))
             if not trace.sampled:
                 pass
             elif isinstance(event, SagaEnded | SagaAborted):
-                spans.append(self._root(saga_id, trace, after, at, event))
+                spans.append(self._root(saga_id, trace, record.snapshot, at, event))  # always a record's last event
             elif prior is None or before is None:
                 pass  # no step, or a saga we know nothing of before this record: nothing ended
             elif isinstance(event, StepBegun) and event.attempt > 1:
@@ -527,3 +528,17 @@ def _step(snapshot: SagaSnapshot | None, name: str | None) -> StepSnapshot | Non
     if snapshot is None or name is None:
         return None
     return next((s for s in snapshot.steps if s.name == name), None)
+
+
+def _after(before: SagaSnapshot | None, event: Any, record: SagaLogRecord) -> SagaSnapshot | None:
+    """The saga after one of a record's earlier events, folded from the state before it (None
+    when that is unknown: a saga's first record begins it, and nothing before it can end)."""
+    from sagalog.errors import FoldError
+    from sagalog.fold import SagaState, apply  # the fold is only needed here, by managers that trace
+
+    if not isinstance(before, SagaState):
+        return None
+    try:
+        return apply(before, event, record.timestamp_ms, record.epoch)
+    except FoldError:
+        return None

@@ -155,6 +155,7 @@ RECORDS: dict[type, st.SearchStrategy[Any]] = {
         event=events(),
         snapshot=saga_snapshots,
         writer=OPT_TEXT,
+        events_before=st.lists(events(), max_size=3).map(tuple),
     ),
     PartitionClaim: st.builds(PartitionClaim, partition=INT32, epoch=INT64, owner=TEXT, timestamp_ms=INT64),
     StartSaga: st.builds(StartSaga, saga_id=TEXT, saga_type=TEXT, payload=TEXT, requested_ms=INT64),
@@ -280,8 +281,8 @@ def saga_histories(
     """The records of one saga, from ``SagaBegun`` to ``SagaEnded`` or ``SagaAborted``.
 
     Built with ``begin`` and ``apply`` only, so every record is what a correct writer produces:
-    seq 1, 2, 3, ...; an epoch that only grows (a new owner took over); the snapshot after the
-    event. Compensation starts with the steps that no other step waiting for compensation
+    events numbered 1, 2, 3, ..., one or several to a record (one decision); an epoch that only
+    grows (a new owner took over); the snapshot after the record's last event. Compensation starts with the steps that no other step waiting for compensation
     depends on (reverse dependency order); independent compensations interleave.
     """
     definition = draw(definitions if definitions is not None else saga_definitions())
@@ -305,11 +306,15 @@ def saga_histories(
 
     def emit(make: Any) -> None:
         nonlocal state, now, epoch
-        now += draw(st.integers(0, 10_000))
-        if draw(st.integers(0, 9)) == 9:
-            epoch += draw(st.integers(1, 3))  # another manager took the partition over
+        # Sometimes the same decision as the event before: one record holds both (same time and epoch).
+        merge = draw(st.integers(0, 2)) == 0
+        if not merge:
+            now += draw(st.integers(0, 10_000))
+            if draw(st.integers(0, 9)) == 9:
+                epoch += draw(st.integers(1, 3))  # another manager took the partition over
         event = make(now)
         state = apply(state, event, now, epoch)
+        before = history.pop().events if merge else ()
         history.append(
             SagaLogRecord(
                 saga_id=sid,
@@ -317,6 +322,7 @@ def saga_histories(
                 epoch=epoch,
                 timestamp_ms=now,
                 event=event,
+                events_before=before,
                 snapshot=state.snapshot(),
                 writer=writer,
             )

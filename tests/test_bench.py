@@ -77,8 +77,8 @@ def test_hand_written_wire_matches_the_codec() -> None:
     definition = DefinitionSet.load([EXAMPLE_DEFINITIONS_DIR / "bench.yaml"]).get("noop-3")
     assert definition is not None
     history = saga_history(definition, "#" * 12, now_ms=1_700_000_000_000, epoch=3, reply_topic="x.inbox", reply_partition=2)
-    assert [type(r.event).__name__ for r in history] == [
-        "SagaBegun", "StepBegun", "StepEnded", "StepBegun", "StepEnded", "StepBegun", "StepEnded", "SagaEnded",
+    assert [[type(e).__name__ for e in r.events] for r in history] == [
+        ["SagaBegun", "StepBegun"], ["StepEnded", "StepBegun"], ["StepEnded", "StepBegun"], ["StepEnded", "SagaEnded"],
     ]
     peek = LogPeek(codec)
     for record in history:

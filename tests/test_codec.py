@@ -39,6 +39,7 @@ SCHEMAS = schemas_dir()
 V1_PATH = SCHEMAS / "history" / "saga_log_record.v1.avsc"
 V2_PATH = SCHEMAS / "history" / "saga_log_record.v2.avsc"
 V3_PATH = SCHEMAS / "history" / "saga_log_record.v3.avsc"
+V4_PATH = SCHEMAS / "history" / "saga_log_record.v4.avsc"
 
 #: CRC-64-AVRO fingerprints (little-endian, as on the wire) of the current schemas. A change
 #: here is a change of the wire contract: keep the old .avsc in schemas/history/, add its
@@ -50,7 +51,7 @@ CURRENT_FINGERPRINTS = {
     "sagalog.ParticipantCommand": "da661df0938322d4",
     "sagalog.ParticipantReply": "047a0322f549234e",
     "sagalog.PartitionClaim": "08de3b78be047fe9",
-    "sagalog.SagaLogRecord": "b38785ccd7bdae59",
+    "sagalog.SagaLogRecord": "bfb0c7b1aa30b2c1",
     "sagalog.StartSaga": "7b88424c4fbf8099",
 }
 #: Fingerprints of superseded versions: bytes written with them are on logs out there and
@@ -60,6 +61,7 @@ PREVIOUS_FINGERPRINTS = {
         "cabbdbbc60c5b026",  # v1, before `writer`
         "62e5c87f8dfdb370",  # v2, before incidents (their events, `incidents`, `comp_budget_from`)
         "3fb3c3f121266f8c",  # v3, before the snapshot's `trace_parent`
+        "b38785ccd7bdae59",  # v4, before `events_before` (one event per record)
     ],
 }
 
@@ -100,14 +102,16 @@ INCIDENT_EVENTS = (IncidentOpened, IncidentRetried, IncidentResolved)
 def _old_bytes(record: SagaLogRecord, path: Path) -> bytes:
     """What a manager on an older schema wrote: its fingerprint and a body without what that
     version did not have (v1: `writer`; v1 and v2: incidents, `comp_budget_from`; v1 to v3:
-    the snapshot's `trace_parent`)."""
+    the snapshot's `trace_parent`; v1 to v4: `events_before`)."""
     raw = json.loads(path.read_text())
     schema = fastavro.parse_schema(raw, _force=True)
     datum = record.model_dump()
+    del datum["events_before"]
     if path == V1_PATH:
         del datum["writer"]
-    del datum["snapshot"]["trace_parent"]
-    if path != V3_PATH:
+    if path != V4_PATH:
+        del datum["snapshot"]["trace_parent"]
+    if path not in (V3_PATH, V4_PATH):
         del datum["snapshot"]["incidents"]
         for step in datum["snapshot"]["steps"]:
             del step["comp_budget_from"]
@@ -217,7 +221,7 @@ def test_round_trip_legal_histories(codec: Codec, history: list[SagaLogRecord]) 
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v2_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
     assume(not isinstance(record.event, INCIDENT_EVENTS))
-    old = _before_incidents(record)
+    old = _single(_before_incidents(record))
     data = _old_bytes(old, V2_PATH)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][1]
     decoded = codec.decode(data)
@@ -229,7 +233,7 @@ def test_v2_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
     assume(not isinstance(record.event, INCIDENT_EVENTS))
-    old = _before_incidents(record).model_copy(update={"writer": None})
+    old = _single(_before_incidents(record)).model_copy(update={"writer": None})
     data = _v1_bytes(old)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][0]
     decoded = codec.decode(data)
@@ -240,12 +244,29 @@ def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
 @settings(max_examples=80, deadline=None)
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v3_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
-    old = record.model_copy(update={"snapshot": record.snapshot.model_copy(update={"trace_parent": None})})
+    old = _single(record).model_copy(update={"snapshot": record.snapshot.model_copy(update={"trace_parent": None})})
     data = _old_bytes(old, V3_PATH)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][2]
     decoded = codec.decode(data)
     assert decoded.snapshot.trace_parent is None
     assert decoded == old
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
+def test_v4_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
+    """Before version 5 a record held one event: it reads as a record of that one event."""
+    old = _single(record)
+    data = _old_bytes(old, V4_PATH)
+    assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][3]
+    decoded = codec.decode(data)
+    assert decoded.events_before == () and decoded.events == (record.event,) and decoded.first_seq == decoded.seq
+    assert decoded == old
+
+
+def _single(record: SagaLogRecord) -> SagaLogRecord:
+    """The record with its last event only: what a version before 5 could hold."""
+    return record.model_copy(update={"events_before": ()})
 
 
 def test_a_trace_parent_round_trips(codec: Codec) -> None:
@@ -260,7 +281,7 @@ def test_old_versions_need_the_history_directory(tmp_path: Path) -> None:
     for p in SCHEMAS.glob("*.avsc"):
         shutil.copy(p, tmp_path / p.name)
     record = _sample_log_record()
-    for path in (V1_PATH, V2_PATH, V3_PATH):
+    for path in (V1_PATH, V2_PATH, V3_PATH, V4_PATH):
         data = _old_bytes(record, path)
         with pytest.raises(UnknownSchema):
             Codec(tmp_path).decode(data)

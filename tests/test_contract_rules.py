@@ -192,7 +192,7 @@ def hotel_running() -> SagaState:
 
 def test_a_business_failure_fails_an_execute_now_whatever_attempts_are_left() -> None:
     decision = on_reply(hotel_running(), reply("hotel", EXECUTE, FAILURE, error=UNABLE_ERROR), ctx(NOW + 5))
-    events = [record.event for record in decision.records]
+    events = [e for record in decision.records for e in record.events]
     assert events[:2] == [
         StepEnded(step="hotel", outcome=StepOutcome.FAILED, error=UNABLE_ERROR),
         SagaAborting(reason=f"step hotel failed: {UNABLE_ERROR}", failed_step="hotel"),
@@ -211,7 +211,7 @@ def compensating_flight() -> SagaState:
 def test_a_compensation_it_cannot_act_on_becomes_an_incident_at_once() -> None:
     error = "UnknownStep: participant 'flights' has no compensate handler for step 'flight'"
     decision = on_reply(compensating_flight(), reply("flight", COMPENSATE, FAILURE, error=error), ctx(NOW + 9))
-    [opened] = [record.event for record in decision.records]
+    [opened] = [e for record in decision.records for e in record.events]
     assert opened == IncidentOpened(step="flight", reason=f"participant cannot compensate flight: {error}", attempts=1)
     assert decision.commands == []  # no more attempts: an operator retries or resolves it
     state = decision.current
@@ -223,7 +223,7 @@ def test_a_compensations_retryable_error_is_retried_after_its_backoff() -> None:
     for attempt in (1, 2, 3):
         decision = on_reply(state, reply("flight", COMPENSATE, ReplyOutcome.RETRYABLE_ERROR, attempt=attempt,
                                          error="locked"), ctx())
-        [begun] = [record.event for record in decision.records]
+        [begun] = [e for record in decision.records for e in record.events]
         delay = COMP_RETRY.delay_ms(attempt + 1, "s-1/flight/c")
         assert begun == CompensationBegun(step="flight", attempt=attempt + 1, dispatch_at_ms=NOW + delay,
                                           deadline_ms=NOW + delay + 60_000, last_error="locked")

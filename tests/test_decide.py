@@ -34,7 +34,7 @@ from manager.decide import (
 )
 from sagalog.codec import Codec
 from sagalog.definition import RetryPolicy, SagaDefinition, StepDefinition
-from sagalog.fold import SagaState, evolve, replay
+from sagalog.fold import SagaState, apply, begin, evolve, replay
 from sagalog.records import (
     Action,
     CompensationBegun,
@@ -122,7 +122,7 @@ def ctx(now: int = T0, epoch: int = EPOCH) -> Context:
 
 
 def check(prev: SagaState | None, decision: Decision, context: Context) -> list[SagaState | None]:
-    """Writer and reader agree; commands follow the log. Returns the state before each record."""
+    """Writer and reader agree; commands follow the log. Returns the state before each event."""
     if decision.ignored is not None:
         assert decision.records == [] and decision.commands == []
         assert decision.state is prev
@@ -138,8 +138,18 @@ def check(prev: SagaState | None, decision: Decision, context: Context) -> list[
         assert record.saga_id == (decision.state.saga_id if decision.state else None)
         decoded = CODEC.decode(CODEC.encode(record))
         assert decoded == record
-        befores.append(state)
+        # One record per decision: fold its events one by one, keeping the state before each.
+        inner = state
+        for logged in record.events:
+            befores.append(inner)
+            if inner is None:
+                assert isinstance(logged, SagaBegun) and decision.state is not None
+                definition = decision.state.definition_model
+                _, inner = begin(record.saga_id, definition, decision.state.payload, record.timestamp_ms, record.epoch)
+            else:
+                inner = apply(inner, logged, record.timestamp_ms, record.epoch)
         state = evolve(state, decoded, partition_epoch=context.epoch)
+        assert inner == state, "the record's events, one by one, give the state the record does"
         assert state.seq == record.seq
         assert state.snapshot() == record.snapshot
         # What a new owner rebuilds from this record alone (compaction) is the same state.
@@ -150,12 +160,12 @@ def check(prev: SagaState | None, decision: Decision, context: Context) -> list[
         return befores
     definition = decision.state.definition_model
     due = [c for _, c in outstanding_commands(decision.state, context)]
-    retried = {r.event.step for r in decision.records if isinstance(r.event, IncidentRetried)}
+    retried = {e.step for e in decision.events if isinstance(e, IncidentRetried)}
     begun = [
-        (r.event.step, EXECUTE if isinstance(r.event, StepBegun) else COMPENSATE)
-        for r in decision.records
-        if isinstance(r.event, StepBegun | CompensationBegun)
-        and (r.event.attempt == 1 or (isinstance(r.event, CompensationBegun) and r.event.step in retried))
+        (e.step, EXECUTE if isinstance(e, StepBegun) else COMPENSATE)
+        for e in decision.events
+        if isinstance(e, StepBegun | CompensationBegun)
+        and (e.attempt == 1 or (isinstance(e, CompensationBegun) and e.step in retried))
     ]
     # Commands are exactly the first attempts begun by this decision, and the attempt an operator's
     # retry sends at once, in log order (retries are delayed: outstanding_commands sends them when
@@ -186,7 +196,9 @@ def check(prev: SagaState | None, decision: Decision, context: Context) -> list[
 
 
 def events(decision: Decision) -> list[Event]:
-    return [r.event for r in decision.records]
+    """The decision's events, from its log record (one record holds them all)."""
+    assert len(decision.records) == (1 if decision.events else 0)
+    return [e for r in decision.records for e in r.events]
 
 
 def sent(decision: Decision) -> list[tuple[str, str, Action, int]]:
@@ -302,7 +314,7 @@ def test_start_appends_saga_begun_and_begins_the_first_step_with_its_command() -
     run = Run(SEQ)
     d = run.start()
     assert events(d) == [SagaBegun(saga_type="order", definition_version=2), begun("reserve", T0, 2000)]
-    assert [r.seq for r in d.records] == [1, 2]
+    assert [(r.first_seq, r.seq) for r in d.records] == [(1, 2)]  # one record, two events
     assert d.ignored is None
     assert run.state is not None
     assert run.state.status is S.RUNNING
@@ -1112,7 +1124,7 @@ def test_operator_actions_the_state_does_not_allow_are_rejected_with_the_reason(
     # And the accepted one goes through the same routing.
     fresh = stuck_compensation()
     d = decide(fresh.state, RETRY_IT, "reserve")
-    assert not d.ignored and [type(r.event) for r in d.records] == [IncidentRetried, CompensationBegun]
+    assert not d.ignored and [type(e) for e in events(d)] == [IncidentRetried, CompensationBegun]
 
 
 def test_cancel_of_a_saga_in_incident_is_still_ignored() -> None:
@@ -1389,38 +1401,35 @@ SETTLED = {T.PENDING, T.FAILED, T.COMPENSATED}
 JSON_OUTPUTS = st.none() | st.sampled_from(['{"k":1}', "[1,2]", '"s"', "3", "null"])
 
 
-def check_rules(
-    befores: list[SagaState | None], records: list[SagaLogRecord], definition: SagaDefinition
-) -> None:
-    """The saga rules on each record, given the state before it."""
-    for before, record in zip(befores, records, strict=True):
-        event = record.event
-        if isinstance(event, CompensationBegun):
+def check_rules(befores: list[SagaState | None], events: list[Event], definition: SagaDefinition) -> None:
+    """The saga rules on each event, given the state before it."""
+    for before, logged in zip(befores, events, strict=True):
+        if isinstance(logged, CompensationBegun):
             assert before is not None
-            prior = before.step(event.step)
-            assert definition.by_name[event.step].compensable
+            prior = before.step(logged.step)
+            assert definition.by_name[logged.step].compensable
             assert prior.attempt >= 1, "compensating a step that never began"
             assert prior.status is not T.FAILED, "compensating a step that failed"
-            if event.attempt == 1:
+            if logged.attempt == 1:
                 assert prior.status in MAY_HAVE_EFFECT
-                for dependent in definition.dependents[event.step]:
+                for dependent in definition.dependents[logged.step]:
                     if definition.by_name[dependent].compensable:
                         assert before.step(dependent).status in SETTLED, (
                             "compensation before a dependent settled"
                         )
             # Never past the budget: the attempt after it is an incident (an operator's retry
             # starts a new budget, so it counts from there).
-            assert event.attempt - prior.comp_budget_from <= definition.compensation_retry.attempts
-            assert before.incident(event.step) is None, "a compensation attempt while in incident"
-        elif isinstance(event, IncidentOpened):
-            assert before is not None and before.incident(event.step) is None
-            prior = before.step(event.step)
+            assert logged.attempt - prior.comp_budget_from <= definition.compensation_retry.attempts
+            assert before.incident(logged.step) is None, "a compensation attempt while in incident"
+        elif isinstance(logged, IncidentOpened):
+            assert before is not None and before.incident(logged.step) is None
+            prior = before.step(logged.step)
             assert prior.status is T.COMPENSATING
-        elif isinstance(event, StepBegun) and event.attempt == 1:
+        elif isinstance(logged, StepBegun) and logged.attempt == 1:
             assert before is not None
-            assert all(before.step(dep).status is T.SUCCEEDED for dep in definition.dependencies(event.step))
-        elif isinstance(event, StepBegun):
-            assert before is not None and event.attempt <= definition.by_name[event.step].retry.attempts
+            assert all(before.step(dep).status is T.SUCCEEDED for dep in definition.dependencies(logged.step))
+        elif isinstance(logged, StepBegun):
+            assert before is not None and logged.attempt <= definition.by_name[logged.step].retry.attempts
 
 
 @settings(
@@ -1437,7 +1446,7 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
         before = run.state
         decision = make(before)
         befores = check(before, decision, run.ctx)
-        check_rules(befores, decision.records, definition)
+        check_rules(befores, decision.events, definition)
         if decision.records:
             run.state = decision.state
             run.log.extend(decision.records)
@@ -1545,13 +1554,14 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
             decide_and_check(lambda state: on_time(state, run.ctx))
     final = run.state
     event(f"ended {final.status.value}")
-    event(f"retries: {any(isinstance(r.event, StepBegun) and r.event.attempt > 1 for r in run.log)}")
+    logged = [e for r in run.log for e in r.events]
+    event(f"retries: {any(isinstance(e, StepBegun) and e.attempt > 1 for e in logged)}")
     event(
-        f"compensation retries: {any(isinstance(r.event, CompensationBegun) and r.event.attempt > 1 for r in run.log)}"
+        f"compensation retries: {any(isinstance(e, CompensationBegun) and e.attempt > 1 for e in logged)}"
     )
     event(f"epochs: {min(len({r.epoch for r in run.log}), 3)}")
-    event(f"incidents: {sum(isinstance(r.event, IncidentOpened) for r in run.log) > 0}")
-    event(f"resolved by an operator: {any(isinstance(r.event, IncidentResolved) for r in run.log)}")
+    event(f"incidents: {sum(isinstance(e, IncidentOpened) for e in logged) > 0}")
+    event(f"resolved by an operator: {any(isinstance(e, IncidentResolved) for e in logged)}")
     assert final.status.terminal, f"not finished: {final.status} {[(s.name, s.status) for s in final.steps]}"
     assert replay(run.log) == final
     if final.status is S.COMPLETED:

@@ -472,8 +472,12 @@ def test_operator_action_refusal_says_why() -> None:
 
 def _check_consistent(history: list[SagaLogRecord], state: SagaState) -> None:
     definition = definition_from_json(state.definition)
-    assert state.seq == len(history) == history[-1].seq
-    assert [r.seq for r in history] == list(range(1, len(history) + 1))
+    events = [e for r in history for e in r.events]
+    assert state.seq == len(events) == history[-1].seq
+    # Events are numbered 1, 2, 3, ... across records; a record covers first_seq .. seq.
+    assert [(r.first_seq, r.seq) for r in history] == [
+        (sum(len(h.events) for h in history[:i]) + 1, sum(len(h.events) for h in history[: i + 1])) for i in range(len(history))
+    ]
     assert state.status.terminal
     assert not any(s.status is T.COMPENSATING for s in state.steps)
     assert state.incidents == ()  # every incident closed before the saga could end
@@ -486,19 +490,17 @@ def _check_consistent(history: list[SagaLogRecord], state: SagaState) -> None:
     )
     if state.status is S.COMPLETED:
         assert all(s.status is T.SUCCEEDED for s in state.steps)
-        assert isinstance(history[-1].event, SagaEnded)
+        assert isinstance(events[-1], SagaEnded)
         return
-    assert isinstance(history[-1].event, SagaAborted)
-    aborting = next(r.event for r in history if isinstance(r.event, SagaAborting))
+    assert isinstance(events[-1], SagaAborted)
+    aborting = next(e for e in events if isinstance(e, SagaAborting))
     assert state.reason == aborting.reason
     # Every compensable step that may have had an effect (begun, and not a business failure) is
     # compensated. A non-compensable step in flight at the abort is compensated anyway or, as the
     # manager does it, left RUNNING: see test_aborted_saga_has_no_step_in_flight (a known bug).
     for s in state.steps:
-        begun = any(isinstance(r.event, StepBegun) and r.event.step == s.name for r in history)
-        outcomes = [
-            r.event.outcome for r in history if isinstance(r.event, StepEnded) and r.event.step == s.name
-        ]
+        begun = any(isinstance(e, StepBegun) and e.step == s.name for e in events)
+        outcomes = [e.outcome for e in events if isinstance(e, StepEnded) and e.step == s.name]
         if not begun:
             assert s.status is T.PENDING
         elif outcomes == [StepOutcome.FAILED]:
@@ -528,7 +530,7 @@ def test_every_prefix_matches_its_snapshot(history: list[SagaLogRecord], data: s
     cut = data.draw(st.integers(1, len(history)))
     full = replay(history[:cut])
     assert replay(history[cut - 1 : cut]) == full
-    assert full is not None and full.seq == cut
+    assert full is not None and full.seq == history[cut - 1].seq == sum(len(r.events) for r in history[:cut])
 
 
 @HISTORIES
@@ -635,7 +637,7 @@ def test_repeated_seq_is_refused(hc: tuple[list[SagaLogRecord], int], data: st.D
     old = copy.model_copy(update={"epoch": state.epoch})  # the current owner's duplicate
     with pytest.raises(SequenceRepeat) as info:
         evolve(state, old)
-    assert (info.value.seq, info.value.state_seq) == (old.seq, k)
+    assert (info.value.seq, info.value.state_seq) == (old.seq, state.seq)
     f = fold([(r.saga_id.encode(), r) for r in history[:k]])
     _assert_rejected(f, old, SequenceRepeat)
     assert f.sagas[state.saga_id] == state
@@ -676,7 +678,7 @@ def test_stale_epoch_after_a_claim_is_refused(hc: tuple[list[SagaLogRecord], int
     assert "zombie" in f.rejected[-1][1]
     # The new owner's record with the same seq is accepted afterwards.
     f.apply(history[k].saga_id.encode(), history[k].model_copy(update={"epoch": owner_epoch}), 501)
-    assert f.sagas[history[k].saga_id].seq == k + 1
+    assert f.sagas[history[k].saga_id].seq == history[k].seq
     # A saga the fold has not seen yet is refused too if its writer is stale.
     with pytest.raises(StaleEpoch):
         evolve(None, zombie, partition_epoch=owner_epoch)
@@ -728,21 +730,21 @@ def test_illegal_transition_is_refused(hc: tuple[list[SagaLogRecord], int], kind
         and all(s.status is T.SUCCEEDED for s in state.steps)
     ):
         event = SagaAborted(reason="not compensating")
-    bad = history[k].model_copy(update={"event": event})
+    bad = history[k].model_copy(update={"event": event, "events_before": (), "seq": state.seq + 1})
     with pytest.raises(IllegalTransition):
         evolve(state, bad)
     f = fold([(r.saga_id.encode(), r) for r in history[:k]])
     _assert_rejected(f, bad, IllegalTransition)
     # The fold carries on: the real next record still applies.
     f.apply(history[k].saga_id.encode(), history[k], 1000)
-    assert f.sagas[state.saga_id].seq == k + 1
+    assert f.sagas[state.saga_id].seq == history[k].seq
 
 
 def test_first_record_of_a_saga_is_adopted_only_if_it_can_start_one() -> None:
     _, state = begin("saga-1", TWO, "{}", NOW, 1)
     later = record(state, step_event(StepBegun, state))
     assert evolve(None, later) == SagaState.from_record(later)  # seq 2: its begin was compacted away
-    with pytest.raises(IllegalTransition, match="first record"):
+    with pytest.raises(IllegalTransition, match="first event"):
         evolve(None, later.model_copy(update={"seq": 1}))
 
 
@@ -775,3 +777,70 @@ def test_rejected_list_is_bounded() -> None:
     for offset in range(5):
         f.apply(b"x", MalformedRecord(f"bad {offset}"), offset)
     assert f.rejected == [(0, "bad 0"), (1, "bad 1")]
+
+
+# --- records of several events (one decision) ---------------------------------------------------
+
+
+def _decision(state: SagaState, *events: Any) -> SagaLogRecord:
+    """One record holding ``events`` after ``state``, with the snapshot after the last."""
+    after = state
+    for event in events:
+        after = apply(after, event, NOW + 1, 1)
+    return SagaLogRecord(
+        saga_id=state.saga_id,
+        seq=after.seq,
+        epoch=1,
+        timestamp_ms=NOW + 1,
+        event=events[-1],
+        events_before=tuple(events[:-1]),
+        snapshot=after.snapshot(),
+    )
+
+
+def test_a_record_of_several_events_applies_them_in_order() -> None:
+    _, state = begin("saga-1", TWO, "{}", NOW, 1)
+    state = apply(state, StepBegun(step="a", attempt=1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000), NOW, 1)
+    ended = StepEnded(step="a", outcome=StepOutcome.SUCCEEDED, output="{}")
+    next_one = StepBegun(step="b", attempt=1, dispatch_at_ms=NOW + 1, deadline_ms=NOW + 1001)
+    both = _decision(state, ended, next_one)
+    assert (both.first_seq, both.seq, both.events) == (state.seq + 1, state.seq + 2, (ended, next_one))
+    after = evolve(state, both)
+    assert after == SagaState.from_record(both)
+    assert [s.status for s in after.steps] == [T.SUCCEEDED, T.RUNNING]
+
+
+def test_a_record_applies_whole_or_not_at_all() -> None:
+    """An illegal event anywhere in a record refuses the record: no event of it is applied."""
+    _, state = begin("saga-1", TWO, "{}", NOW, 1)
+    state = apply(state, StepBegun(step="a", attempt=1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000), NOW, 1)
+    legal = StepEnded(step="a", outcome=StepOutcome.SUCCEEDED, output="{}")
+    bad = _decision(state, legal).model_copy(
+        update={"event": SagaEnded(), "events_before": (legal,), "seq": state.seq + 2}  # b never ran
+    )
+    with pytest.raises(IllegalTransition, match="not every step has succeeded"):
+        evolve(state, bad)
+    f = fold([(b"saga-1", record(None, SagaBegun(saga_type="two", definition_version=1)))])
+    f.sagas["saga-1"] = state
+    _assert_rejected(f, bad, IllegalTransition)
+    assert f.sagas["saga-1"].step("a").status is T.RUNNING
+
+
+def test_a_record_overlapping_what_was_applied_is_a_repeat() -> None:
+    _, state = begin("saga-1", TWO, "{}", NOW, 1)
+    begun_a = StepBegun(step="a", attempt=1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000)
+    first = _decision(state, begun_a)
+    after = evolve(state, first)
+    ended = StepEnded(step="a", outcome=StepOutcome.SUCCEEDED, output="{}")
+    overlapping = _decision(state, begun_a, ended)  # covers seq 2..3, and 2 is applied already
+    with pytest.raises(SequenceRepeat):
+        evolve(after, overlapping)
+
+
+def test_a_first_record_that_does_not_begin_the_saga_is_refused_whatever_it_holds() -> None:
+    _, state = begin("saga-1", TWO, "{}", NOW, 1)
+    begun_a = StepBegun(step="a", attempt=1, dispatch_at_ms=NOW, deadline_ms=NOW + 1000)
+    ended = StepEnded(step="a", outcome=StepOutcome.SUCCEEDED, output="{}")
+    headless = _decision(state, begun_a, ended).model_copy(update={"seq": 2})  # events 1..2, no SagaBegun
+    with pytest.raises(IllegalTransition, match="StepBegun as the first event"):
+        evolve(None, headless)

@@ -69,8 +69,13 @@ def test_happy_path_runs_steps_in_order(env) -> None:
         assert states[sid].status == "COMPLETED"
         assert [s.status for s in states[sid].steps] == [StepStatus.SUCCEEDED] * 3
         assert p.commands_for(sid) == [("a", "EXECUTE", 1), ("b", "EXECUTE", 1), ("c", "EXECUTE", 1)]
-    events = [type(r.event).__name__ for r in history(bootstrap, topics, "ok-1")]
+    records = history(bootstrap, topics, "ok-1")
+    events = [type(e).__name__ for r in records for e in r.events]
     assert events == ["SagaBegun"] + ["StepBegun", "StepEnded"] * 3 + ["SagaEnded"]
+    # One record per decision: the start, then each reply (a step ends, the next begins or the saga ends).
+    assert [[type(e).__name__ for e in r.events] for r in records] == [
+        ["SagaBegun", "StepBegun"], ["StepEnded", "StepBegun"], ["StepEnded", "StepBegun"], ["StepEnded", "SagaEnded"]
+    ]
 
 
 def test_business_failure_compensates_in_reverse_order(env) -> None:
@@ -138,8 +143,9 @@ def test_parallel_steps_and_their_compensation(env) -> None:
     order = [s for s, a, _ in ok.commands_for("dag-ok")]
     assert order[0] == "a" and set(order[1:3]) == {"b", "c"} and order[3] == "d"
     records = history(bootstrap, topics, "dag-ok")
-    begun = [r.event.step for r in records if type(r.event).__name__ == "StepBegun"]
-    ended_before_c = [r.event.step for r in records[: [type(r.event).__name__ == "StepBegun" and r.event.step == "c" for r in records].index(True)] if isinstance(r.event, StepEnded)]
+    events = [e for r in records for e in r.events]
+    begun = [e.step for e in events if type(e).__name__ == "StepBegun"]
+    ended_before_c = [e.step for e in events[: [type(e).__name__ == "StepBegun" and e.step == "c" for e in events].index(True)] if isinstance(e, StepEnded)]
     assert begun[:3] == ["a", "b", "c"] and "b" not in ended_before_c  # b and c were in flight together
 
     with ScriptedParticipant(bootstrap, topics, PARTICIPANTS, fail_d) as p:
@@ -184,9 +190,10 @@ def test_duplicate_and_late_replies_change_nothing(env) -> None:
         wait_terminal(bootstrap, topics, ["dup-marker"], 60)
     assert states["dup-1"].status == "COMPLETED"
     records = history(bootstrap, topics, "dup-1")
-    ended = Counter(r.event.step for r in records if isinstance(r.event, StepEnded))
+    events = [e for r in records for e in r.events]
+    ended = Counter(e.step for e in events if isinstance(e, StepEnded))
     assert ended == {"a": 1, "b": 1, "c": 1}
-    assert sum(1 for r in records if type(r.event).__name__ == "SagaBegun") == 1
+    assert sum(1 for e in events if type(e).__name__ == "SagaBegun") == 1
     assert compensations(p, "dup-1") == []
 
 
@@ -244,7 +251,7 @@ def test_finished_sagas_are_tombstoned_after_retention(bootstrap: str, make_topi
                 return bool(entries) and entries[-1].item is None
 
             wait_for(tombstoned, 60, "a tombstone for the finished saga")
-        events = [type(e.item.event).__name__ for e in scan(bootstrap, topics) if e.key == b"gone-1" and e.item is not None]
+        events = [type(ev).__name__ for e in scan(bootstrap, topics) if e.key == b"gone-1" and e.item is not None for ev in e.item.events]
         assert events[-1] == "SagaEnded"  # tombstoned only after it finished
         from sagalog.reader import saga_states
 

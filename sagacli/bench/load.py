@@ -189,11 +189,11 @@ class LogTailer:
         if peeked is None:
             self._take_slow(p, key, value)
             return
-        self.counts[peeked.event] += 1
+        self.counts.update(peeked.events)
         if key is not None:
-            if peeked.event == "SagaEnded":
+            if peeked.event == "SagaEnded":  # always a record's last event
                 self.ended[key] = peeked.timestamp_ms
-            elif peeked.event == "SagaBegun":
+            elif peeked.events[0] == "SagaBegun":  # always a record's first
                 self.begun[key] = peeked.timestamp_ms
         if self.after_claim.get(p, 0) is None:
             claim = self.claims.get(p)
@@ -216,11 +216,11 @@ class LogTailer:
                     self.claim_seen_ms[p] = now_ms()
                     self.after_claim[p] = None
         elif isinstance(item, SagaLogRecord):  # written by an older schema version
-            event = type(item.event).__name__
-            self.counts[event] += 1
-            if event == "SagaEnded":
+            events = [type(e).__name__ for e in item.events]
+            self.counts.update(events)
+            if events[-1] == "SagaEnded":
                 self.ended[item.saga_id.encode()] = item.timestamp_ms
-            elif event == "SagaBegun":
+            elif events[0] == "SagaBegun":
                 self.begun[item.saga_id.encode()] = item.timestamp_ms
         else:
             self.counts[type(item).__name__] += 1
@@ -291,7 +291,8 @@ class HopTracer:
                     continue
                 key = msg.key()
                 if isinstance(item, SagaLogRecord):
-                    self.log[(key, item.seq)] = item.timestamp_ms
+                    for seq in range(item.first_seq, item.seq + 1):  # a record holds a decision's events
+                        self.log[(key, seq)] = item.timestamp_ms
                 elif isinstance(item, ParticipantReply):
                     self.replies[(key, item.step)] = item.replied_ms
                 elif isinstance(item, ParticipantCommand):

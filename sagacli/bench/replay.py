@@ -36,7 +36,8 @@ from sagalog.records import ParticipantCommand, PartitionClaim
 from sagalog.topics import ensure_topics
 
 PARTITION = 0
-LIVE_RECORDS = 4  # SagaBegun, StepBegun(1), StepEnded(1), StepBegun(2): the second step is in flight
+#: A live saga's records: [SagaBegun, StepBegun(1)], [StepEnded(1), StepBegun(2)]: its second step is in flight.
+LIVE_RECORDS = 2
 
 
 def synthesize(ctx: Context, topics: Topics, records: int, live_share: float) -> tuple[list[tuple[bytes, bytes]], int]:

@@ -93,11 +93,43 @@ class Peeked:
     seq: int
     epoch: int
     timestamp_ms: int
-    event: str  # short Avro name: "SagaEnded", "StepBegun", ...
+    events: tuple[str, ...]  # short Avro names, oldest first: ("StepEnded", "StepBegun"), ...
+
+    @property
+    def event(self) -> str:
+        """The record's last event."""
+        return self.events[-1]
+
+
+#: How to step over an event's fields: a number (int, long, enum), a string, an optional string.
+NUMBER, STRING, OPTIONAL_STRING = 0, 1, 2
+
+
+def _field_kind(avro_type: object) -> int:
+    if avro_type in ("int", "long") or (isinstance(avro_type, dict) and avro_type.get("type") == "enum"):
+        return NUMBER
+    if avro_type == "string":
+        return STRING
+    if avro_type == ["null", "string"]:
+        return OPTIONAL_STRING
+    raise RuntimeError(f"an event field of type {avro_type!r}: update sagacli/bench/wire.py")
+
+
+def _skip(data: bytes, pos: int, kinds: tuple[int, ...]) -> int:
+    for kind in kinds:
+        if kind == OPTIONAL_STRING:
+            present, pos = read_long(data, pos)
+            if not present:
+                continue
+        n, pos = read_long(data, pos)
+        if kind != NUMBER:
+            pos += n
+    return pos
 
 
 class LogPeek:
-    """Reads saga id, seq, epoch, timestamp and the event's type from the front of a log record.
+    """Reads seq, epoch, timestamp and the event types from the front of a log record, skipping
+    the event fields and never touching the snapshot.
 
     Only records written with the current ``SagaLogRecord`` schema are peeked; anything else
     (older writer versions, claims, garbage) returns None and the caller decodes it fully.
@@ -106,11 +138,11 @@ class LogPeek:
     def __init__(self, codec: Codec) -> None:
         raw = _schema_json(SAGA_LOG_RECORD)
         fields = raw["fields"]
-        names = [f["name"] for f in fields[:5]]
-        if names != ["saga_id", "seq", "epoch", "timestamp_ms", "event"]:
+        names = [f["name"] for f in fields[:6]]
+        if names != ["saga_id", "seq", "epoch", "timestamp_ms", "event", "events_before"]:
             raise RuntimeError(f"SagaLogRecord field order changed ({names}): update sagacli/bench/wire.py")
-        self.events = [t if isinstance(t, str) else t["name"] for t in fields[4]["type"]]
-        self.events = [e.rpartition(".")[2] for e in self.events]
+        self.events = [t["name"] for t in fields[4]["type"]]
+        self._skips = [tuple(_field_kind(f["type"]) for f in t["fields"]) for t in fields[4]["type"]]
         self._header = MAGIC + schema_fingerprint(raw)
         if self._header[2:] != codec.fingerprints[SAGA_LOG_RECORD]:
             raise RuntimeError("schemas/ changed under the codec: restart the bench")
@@ -123,13 +155,27 @@ class LogPeek:
         seq, pos = read_long(data, pos)
         epoch, pos = read_long(data, pos)
         ts, pos = read_long(data, pos)
-        branch, pos = read_long(data, pos)
-        return Peeked(seq, epoch, ts, self.events[branch])
+        last, pos = read_long(data, pos)
+        pos = _skip(data, pos, self._skips[last])
+        events = []
+        while True:  # events_before: Avro array blocks, a zero count ends them
+            count, pos = read_long(data, pos)
+            if count == 0:
+                break
+            if count < 0:
+                count = -count
+                _, pos = read_long(data, pos)
+            for _ in range(count):
+                branch, pos = read_long(data, pos)
+                pos = _skip(data, pos, self._skips[branch])
+                events.append(self.events[branch])
+        events.append(self.events[last])
+        return Peeked(seq, epoch, ts, tuple(events))
 
     def check(self, codec: Codec, record: SagaLogRecord) -> None:
         """Raise if peeking an encoded ``record`` does not give back its fields."""
         got = self.peek(codec.encode(record))
-        want = Peeked(record.seq, record.epoch, record.timestamp_ms, type(record.event).__name__)
+        want = Peeked(record.seq, record.epoch, record.timestamp_ms, tuple(type(e).__name__ for e in record.events))
         if got != want:
             raise RuntimeError(f"LogPeek read {got}, the codec wrote {want}: update sagacli/bench/wire.py")
 
