@@ -320,16 +320,26 @@ def on_operator_action(state: SagaState, action: OperatorAction, ctx: Context) -
 def outstanding_commands(state: SagaState, ctx: Context) -> list[tuple[str, ParticipantCommand]]:
     """Every command the log says is in flight and due: what a new owner re-sends on takeover.
     A compensation in incident is not in flight: it waits for an operator."""
-    definition = state.definition_model
+    return [command_for(state, step, action, attempt, ctx) for step, action, attempt in due_attempts(state, ctx.now_ms)]
+
+
+def due_attempts(state: SagaState, now_ms: int) -> list[tuple[str, Action, int]]:
+    """(step, action, attempt) of each command :func:`outstanding_commands` would build: cheap,
+    for a writer that first checks which of them it has sent already."""
     out = []
     for step in state.steps:
-        if step.dispatch_at_ms > ctx.now_ms:
+        if step.dispatch_at_ms > now_ms:
             continue
         if step.status is T.RUNNING:
-            out.append(_command(state, definition, step.name, Action.EXECUTE, step.attempt, step.deadline_ms, ctx))
+            out.append((step.name, Action.EXECUTE, step.attempt))
         elif step.status is T.COMPENSATING and state.incident(step.name) is None:
-            out.append(_command(state, definition, step.name, Action.COMPENSATE, step.comp_attempt, step.deadline_ms, ctx))
+            out.append((step.name, Action.COMPENSATE, step.comp_attempt))
     return out
+
+
+def command_for(state: SagaState, step: str, action: Action, attempt: int, ctx: Context) -> tuple[str, ParticipantCommand]:
+    """The command of an attempt the log says is in flight: (participant, command)."""
+    return _command(state, state.definition_model, step, action, attempt, state.step(step).deadline_ms, ctx)
 
 
 def next_wakeup_ms(state: SagaState, now_ms: int) -> int | None:

@@ -686,8 +686,15 @@ class Manager:
         sent = owned.sent.setdefault(saga_id, set())
         key = saga_id.encode()
         # The decision's own commands, then anything the log says is due but not sent by us yet
-        # (after a takeover: everything in flight; after a backoff: the delayed retry).
-        for participant, command in chain(commands, decide.outstanding_commands(state, self._ctx(owned, now))):
+        # (after a takeover: everything in flight; after a backoff: the delayed retry). Checked
+        # by (command id, attempt) first: building a command costs more than asking.
+        own = {(command.command_id, command.attempt) for _, command in commands}
+        due = []
+        for step, action, attempt in decide.due_attempts(state, now):
+            marker = (ParticipantCommand.make_id(saga_id, step, action), attempt)
+            if marker not in sent and marker not in own:
+                due.append(decide.command_for(state, step, action, attempt, self._ctx(owned, now)))
+        for participant, command in chain(commands, due):
             marker = (command.command_id, command.attempt)
             if marker in sent:
                 continue
