@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -86,6 +87,13 @@ class ManagerSettings(BaseModel):
     #: both the log and the manager's memory; `saga status` keeps history in its own read model.
     finished_retention_s: float = 600.0
     max_batch: int = 2000
+    #: Admission control: at most this many live sagas per owned partition. Starts beyond it are
+    #: held, in inbox order, and admitted as sagas end, while the replies, cancels and operator
+    #: actions behind them are handled at once: under overload a saga already running is never
+    #: stuck behind a backlog of new ones (docs/ARCHITECTURE.md, "Admission control").
+    max_live_sagas_per_partition: int = 1000
+    #: Past this many held starts on a partition its inbox is paused until half of them are admitted.
+    max_held_starts_per_partition: int = 50_000
     #: After a takeover, no deadline fires until the inbox has been read up to where it ended at
     #: takeover (replies that arrived while the partition had no owner count), or this long.
     takeover_catch_up_max_ms: int = 15000
@@ -135,6 +143,9 @@ class Owned:
     caught_up: bool = False
     catch_up_by: int = 0
     next_sweep_ms: int = 0
+    #: Starts read but not admitted yet (admission control), oldest first: (inbox offset, message, start).
+    held: deque[tuple[int, Message, StartSaga]] = field(default_factory=deque)
+    paused: bool = False  # its inbox partition, because too many starts are held
 
 
 @dataclass
@@ -266,6 +277,8 @@ class Manager:
                 self._handle_inbox(owned, msg, now)
         for owned in list(self.owned.values()):
             self._fire_timers(owned, now)
+            if owned.held:
+                self._admit_held(owned, now)
             if now >= owned.next_sweep_ms:
                 self._tombstone_finished(owned, now)
         self._commit_all()
@@ -576,6 +589,9 @@ class Manager:
         owned = self.owned.pop(p, None)
         if owned is None:
             return
+        if owned.paused:  # held starts are dropped with the state: the next owner reads them again
+            with contextlib.suppress(KafkaException):
+                self.consumer.resume([TopicPartition(self.topics.inbox, p)])
         try:
             owned.producer.abort_transaction(1)
         except KafkaException:
@@ -600,6 +616,14 @@ class Manager:
         if saga_id != key:
             self._dead_letter(owned, msg, f"message key {key!r} is not its saga id {saga_id!r}: key inbox messages by saga id", now)
             return
+        if isinstance(item, StartSaga) and (owned.held or len(owned.live) >= self.settings.max_live_sagas_per_partition):
+            self._hold(owned, offset, msg, item)
+            return
+        self._decide(owned, msg, item, now)
+
+    def _decide(self, owned: Owned, msg: Message, item: Any, now: int) -> None:
+        topic, partition, offset = where(msg)
+        key = item.saga_id
         try:
             decision = decide.on_inbox(owned.live.get(key), key in owned.finished, item, self.settings.definitions, self._ctx(owned, now))
         except FoldError as err:  # a decision the state machine refuses: a bug, but never a crash
@@ -622,6 +646,31 @@ class Manager:
         if self.tracing is not None:
             decision, reply = _traced_input(item, msg, decision)
         self._apply(owned, decision, now, reply)
+
+    # --- admission control ----------------------------------------------------------------
+    #
+    # A start is held (not decided) while its partition has max_live_sagas_per_partition live
+    # sagas, or older starts are held: first come, first admitted. Replies and everything else
+    # behind it are read and handled as usual. The inbox offset each transaction commits stays at
+    # the oldest held start (_commit_all): a new owner reads the inbox again from there, admits
+    # those starts, and finds that what it reads after them was handled already (late or
+    # duplicate replies and cancels are ignored by the decisions; see ARCHITECTURE.md).
+
+    def _hold(self, owned: Owned, offset: int, msg: Message, start: StartSaga) -> None:
+        owned.held.append((offset, msg, start))
+        if len(owned.held) > self.settings.max_held_starts_per_partition and not owned.paused:
+            log.warning("partition %d: %d starts held (admission control); pausing its inbox until half are admitted", owned.partition, len(owned.held))
+            self.consumer.pause([TopicPartition(self.topics.inbox, owned.partition)])
+            owned.paused = True
+
+    def _admit_held(self, owned: Owned, now: int) -> None:
+        limit = self.settings.max_live_sagas_per_partition
+        while owned.held and len(owned.live) < limit:
+            _, msg, start = owned.held.popleft()
+            self._decide(owned, msg, start, now)
+        if owned.paused and len(owned.held) <= self.settings.max_held_starts_per_partition // 2:
+            self.consumer.resume([TopicPartition(self.topics.inbox, owned.partition)])
+            owned.paused = False
 
     def _caught_up(self, owned: Owned, now: int) -> bool:
         """Has the inbox been read to its end since takeover? Until then deadlines wait: a reply
@@ -736,6 +785,9 @@ class Manager:
         pending = [(p, owned) for p, owned in self.owned.items() if owned.outbox]
         if not pending:
             return
+        for _, owned in pending:
+            if owned.held and owned.outbox.next_inbox_offset is not None:  # not past a start not admitted yet
+                owned.outbox.next_inbox_offset = min(owned.outbox.next_inbox_offset, owned.held[0][0])
         metadata = self.consumer.consumer_group_metadata()
         if len(pending) == 1:
             errors = [self._write(pending[0][0], pending[0][1], metadata)]

@@ -61,6 +61,9 @@ class BenchConfig:
     # overload: overload_factor times the 1-manager capacity, offered for overload_seconds
     overload_factor: float = 2.0
     overload_seconds: float = 30.0
+    #: The overload part's managers admit about capacity x this many seconds of live sagas
+    #: (--max-live-sagas, split over the partitions): admitted sagas then finish within about that.
+    overload_admission_s: float = 1.0
     # 4. replay: log records on the partition taken over; share of unfinished sagas among them
     replay_records: int = 100_000
     replay_live_share: float = 0.1

@@ -13,11 +13,16 @@ throughput part did not run, a closed-loop probe on this deployment estimates it
   the time a start waited in the inbox;
 * CPU µs per saga per process kind over the offer and the drain.
 
+The manager runs with admission control sized to the capacity (``--max-live-sagas`` = capacity x
+``overload_admission_s`` / partitions): starts beyond it wait in the inbox order while the admitted
+sagas' replies are handled (docs/ARCHITECTURE.md).
+
 Then it waits (at most ``drain_timeout_s`` + twice the offer) for the backlog to drain.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -28,7 +33,10 @@ from sagacli.bench.sagas import Rig, _retries, _timeline
 
 def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config
-    with Rig(ctx, "overload", managers=1, participants=cfg.participant_processes) as rig:
+    # Admission control sized for the capacity measured: about overload_admission_s of work live.
+    limit = max(10, math.ceil(ctx.capacity_per_s * cfg.overload_admission_s / cfg.partitions)) if ctx.capacity_per_s else None
+    manager_args = ("--max-live-sagas", str(limit)) if limit else ()
+    with Rig(ctx, "overload", managers=1, participants=cfg.participant_processes, manager_args=manager_args) as rig:
         rig.warm(cfg.warmup_sagas)
         capacity = ctx.capacity_per_s
         source = "throughput part, 1 manager"
@@ -56,6 +64,7 @@ def run(ctx: Context) -> dict[str, Any]:
         timeouts_s = sorted(step.timeout_s for step in rig.definition.steps)
         result: dict[str, Any] = {
             "capacity_per_s": capacity,
+            "max_live_sagas_per_partition": limit,  # None: the manager's default
             "capacity_from": source,
             "factor": cfg.overload_factor,
             "offered_per_s": round(rate, 1),

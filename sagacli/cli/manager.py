@@ -37,6 +37,13 @@ def default_definitions() -> list[Path]:
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None, help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (with --replicas N, replica i uses PORT+i).")
 @click.option("--session-timeout-ms", type=click.IntRange(min=1000), default=6000, show_default=True, help="After this long without heartbeats a replica's partitions move to the others.")
 @click.option("--finished-retention-s", type=click.FloatRange(min=0), default=600.0, show_default=True, help="Tombstone finished sagas this long after they end (repeated starts are ignored until then).")
+@click.option(
+    "--max-live-sagas",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Admission control: live sagas per log partition; further starts wait their turn while running sagas go on.",
+)
 @click.option("-X", "client_settings", multiple=True, metavar="KEY=VALUE", help="librdkafka setting for every client (SASL/TLS...).")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def manager_command(
@@ -51,6 +58,7 @@ def manager_command(
     metrics_port: int | None,
     wait_for_broker: float,
     finished_retention_s: float,
+    max_live_sagas: int,
     client_settings: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -87,6 +95,7 @@ def manager_command(
         client_overrides=overrides,
         session_timeout_ms=session_timeout_ms,
         finished_retention_s=finished_retention_s,
+        max_live_sagas_per_partition=max_live_sagas,
         metrics_port=metrics_port,
     )
     manager = Manager(settings)
