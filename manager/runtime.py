@@ -50,7 +50,15 @@ from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
 from sagalog.fold import PartitionFold, SagaState, fold_newest
-from sagalog.kafka import consumer_config, must_stop, producer_config, reader_config, translate, where
+from sagalog.kafka import (
+    consumer_config,
+    must_stop,
+    producer_config,
+    reader_config,
+    serving_fetch_wait_ms,
+    translate,
+    where,
+)
 from sagalog.reader import read_to_end
 from sagalog.records import (
     Action,
@@ -188,6 +196,7 @@ class Manager:
                     # Incremental rebalancing: when a manager dies only its partitions move; the
                     # others keep theirs (no revoke-everything, no needless replays).
                     "partition.assignment.strategy": "cooperative-sticky",
+                    "fetch.wait.max.ms": serving_fetch_wait_ms(settings.bootstrap, overrides),
                     **overrides,
                 },
             )

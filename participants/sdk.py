@@ -79,7 +79,14 @@ from sagalog.errors import (
     MalformedRecord,
     SagaError,
 )
-from sagalog.kafka import ClientOverrides, consumer_config, must_stop, producer_config, translate
+from sagalog.kafka import (
+    ClientOverrides,
+    consumer_config,
+    must_stop,
+    producer_config,
+    serving_fetch_wait_ms,
+    translate,
+)
 from sagalog.records import Action, DeadLetter, ParticipantCommand, ParticipantReply, ReplyOutcome
 
 if TYPE_CHECKING:
@@ -624,7 +631,11 @@ class Participant:
             self.bootstrap,
             self.group_id,
             session_timeout_ms=self._session_timeout_ms,
-            overrides={"client.id": client_id, **self._overrides},
+            overrides={
+                "client.id": client_id,
+                "fetch.wait.max.ms": serving_fetch_wait_ms(self.bootstrap, self._overrides),
+                **self._overrides,
+            },
         )
         self._consumer = Consumer(config, logger=_kafka_log)
         self._consumer.subscribe(

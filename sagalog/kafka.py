@@ -154,12 +154,40 @@ def consumer_config(
             # Topics created after the consumer subscribed (e.g. a participant started before
             # 'saga topics create') are found within seconds, not librdkafka's default 5 minutes.
             "topic.metadata.refresh.interval.ms": 5000,
-            # Deliver up to this many per poll; keep fetches small enough for low latency.
-            "fetch.wait.max.ms": 10,
+            # Short: right for every reader (see FETCH_WAIT_MS); long-running consumers pass
+            # serving_fetch_wait_ms(), long on a broker that answers fetches when data arrives.
+            "fetch.wait.max.ms": EMBEDDED_FETCH_WAIT_MS,
         }
     )
     config.update(overrides or {})
     return config
+
+
+#: How long a long-running consumer's fetch may wait at the broker for data (a manager's inbox, a
+#: participant's commands). Apache Kafka answers a waiting fetch as soon as data arrives, so a long
+#: wait costs no latency and spares the broker answering empty fetches: measured on Kafka 4.0 with
+#: one idle read_committed consumer, 10 ms cost the broker 0.45 of a core and 500 ms 0.04, and
+#: commit -> receive p50 went from 16.8 to 12.5 ms. The embedded broker (Tansu 0.6) answers a fetch
+#: only when its wait is over, so there the wait *is* latency: 10 ms. Short-lived readers (replay,
+#: queries) always use 10 ms: they stop at the end, and a long wait would delay the end's answer.
+FETCH_WAIT_MS = 500
+EMBEDDED_FETCH_WAIT_MS = 10
+#: Cluster ids that name the embedded broker (Tansu's default): its fetches need the short wait.
+EMBEDDED_CLUSTER_IDS = frozenset({"tansu_cluster"})
+
+
+def serving_fetch_wait_ms(bootstrap: str, overrides: ClientOverrides | None = None, timeout_s: float = 10.0) -> int:
+    """The fetch wait for a long-running consumer of this cluster (one metadata request). The
+    embedded broker, and a cluster that does not answer, get the short one (the safe choice for
+    latency); ``-X fetch.wait.max.ms=N`` overrides both."""
+    configured = (overrides or {}).get("fetch.wait.max.ms")
+    if configured is not None:
+        return int(configured)
+    try:
+        cluster_id = admin_client(bootstrap, overrides).list_topics(timeout=timeout_s).cluster_id
+    except KafkaException:
+        return EMBEDDED_FETCH_WAIT_MS
+    return EMBEDDED_FETCH_WAIT_MS if cluster_id in EMBEDDED_CLUSTER_IDS else FETCH_WAIT_MS
 
 
 #: For clients whose first request is on the critical path (a query's, a replay's). librdkafka

@@ -384,3 +384,15 @@ def test_a_topic_counts_as_created_only_once_every_partition_has_a_leader():
     admin = SimpleNamespace(list_topics=lambda timeout: metadata)
     assert _partition_counts(admin, 1.0) == {"ready": 2, "half": 2}  # type: ignore[arg-type]
     assert _partition_counts(admin, 1.0, led=True) == {"ready": 2}  # type: ignore[arg-type]
+
+
+def test_long_running_consumers_wait_long_only_where_the_broker_answers_fetches_early(bootstrap: str, request: pytest.FixtureRequest) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from sagalog.kafka import EMBEDDED_CLUSTER_IDS, EMBEDDED_FETCH_WAIT_MS, FETCH_WAIT_MS, serving_fetch_wait_ms
+
+    embedded = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).cluster_id in EMBEDDED_CLUSTER_IDS
+    assert embedded == (request.config.getoption("--kafka") == "embedded")  # the suite's broker, told apart
+    assert serving_fetch_wait_ms(bootstrap) == (EMBEDDED_FETCH_WAIT_MS if embedded else FETCH_WAIT_MS)
+    assert serving_fetch_wait_ms(bootstrap, {"fetch.wait.max.ms": "77"}) == 77  # -X wins, and asks nothing
+    assert serving_fetch_wait_ms("127.0.0.1:1", timeout_s=0.5) == EMBEDDED_FETCH_WAIT_MS  # nobody answers
