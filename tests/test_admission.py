@@ -70,7 +70,7 @@ def test_a_new_owner_admits_the_held_starts_once(setup, tmp_path: Path) -> None:
     bootstrap, topics, defs = setup
     ids = [f"tko-{i:02d}" for i in range(10)]
     extra = ("--max-live-sagas", str(LIMIT))
-    first = ManagerProcess(bootstrap, topics, defs, tmp_path, "m1", partitions=1, session_timeout_ms=3000, extra=extra).start()
+    first = ManagerProcess(bootstrap, topics, defs, tmp_path, "m1", partitions=1, extra=extra).start()
     second = None
     try:
         with ScriptedParticipant(bootstrap, topics, ["pa", "pb"], delay_s=0.5):
@@ -78,7 +78,7 @@ def test_a_new_owner_admits_the_held_starts_once(setup, tmp_path: Path) -> None:
             # Some admitted, the rest held by the first manager: then it dies without a word.
             wait_for(lambda: 1 <= Counter(isinstance(r.events[0], SagaBegun) for r in _log(bootstrap, topics))[True] < len(ids), 60, "some sagas begun, others held")
             first.signal(signal.SIGKILL)
-            second = ManagerProcess(bootstrap, topics, defs, tmp_path, "m2", partitions=1, session_timeout_ms=3000, extra=extra).start()
+            second = ManagerProcess(bootstrap, topics, defs, tmp_path, "m2", partitions=1, extra=extra).start()
             states = wait_terminal(bootstrap, topics, ids, 120)
     finally:
         first.stop()
