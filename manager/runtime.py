@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -95,13 +95,15 @@ class ManagerSettings(BaseModel):
     #: both the log and the manager's memory; `saga status` keeps history in its own read model.
     finished_retention_s: float = 600.0
     max_batch: int = 2000
-    #: Admission control: at most this many live sagas per owned partition. Starts beyond it are
-    #: held, in inbox order, and admitted as sagas end, while the replies, cancels and operator
-    #: actions behind them are handled at once: under overload a saga already running is never
-    #: stuck behind a backlog of new ones (docs/ARCHITECTURE.md, "Admission control").
+    #: Admission control: at most this many live sagas per owned partition (not counting those
+    #: that wait only for an operator). Starts beyond it are held, in inbox order, and admitted as
+    #: sagas end, while the replies, cancels and operator actions behind them are handled at once:
+    #: under overload a saga already running is never stuck behind a backlog of new ones
+    #: (docs/ARCHITECTURE.md, "Admission control").
     max_live_sagas_per_partition: int = 1000
-    #: Past this many held starts on a partition its inbox is paused until half of them are admitted.
-    max_held_starts_per_partition: int = 50_000
+    #: At most this many inbox messages held in memory per partition; starts beyond it are read
+    #: again from the inbox once half of the held ones are admitted.
+    max_held_per_partition: int = 50_000
     #: After a takeover, no deadline fires until the inbox has been read up to where it ended at
     #: takeover (replies that arrived while the partition had no owner count), or this long.
     takeover_catch_up_max_ms: int = 15000
@@ -151,9 +153,17 @@ class Owned:
     caught_up: bool = False
     catch_up_by: int = 0
     next_sweep_ms: int = 0
-    #: Starts read but not admitted yet (admission control), oldest first: (inbox offset, message, start).
-    held: deque[tuple[int, Message, StartSaga]] = field(default_factory=deque)
-    paused: bool = False  # its inbox partition, because too many starts are held
+    #: Admission control. ``held``: inbox messages read but not decided yet, oldest first: starts
+    #: not admitted yet, and anything later for a saga whose start is held (a saga's messages stay
+    #: in order); ``held_ids``: how many of them each saga id has; ``parked``: live sagas waiting
+    #: only for an operator (not counted against the limit); ``overflow_from``: the first start
+    #: not held because ``held`` was full, read again from the inbox once it has drained;
+    #: ``read_to``: the inbox offset after the last message read.
+    held: deque[tuple[int, Message, Any]] = field(default_factory=deque)
+    held_ids: Counter[str] = field(default_factory=Counter)
+    parked: set[str] = field(default_factory=set)
+    overflow_from: int | None = None
+    read_to: int | None = None
 
 
 @dataclass
@@ -598,9 +608,6 @@ class Manager:
         owned = self.owned.pop(p, None)
         if owned is None:
             return
-        if owned.paused:  # held starts are dropped with the state: the next owner reads them again
-            with contextlib.suppress(KafkaException):
-                self.consumer.resume([TopicPartition(self.topics.inbox, p)])
         try:
             owned.producer.abort_transaction(1)
         except KafkaException:
@@ -625,7 +632,10 @@ class Manager:
         if saga_id != key:
             self._dead_letter(owned, msg, f"message key {key!r} is not its saga id {saga_id!r}: key inbox messages by saga id", now)
             return
-        if isinstance(item, StartSaga) and (owned.held or len(owned.live) >= self.settings.max_live_sagas_per_partition):
+        owned.read_to = offset + 1
+        if owned.overflow_from is not None and key not in owned.live:
+            return  # read again from overflow_from (see _hold), with everything after it
+        if owned.held_ids[key] or (isinstance(item, StartSaga) and (owned.held or self._busy(owned) >= self.settings.max_live_sagas_per_partition)):
             self._hold(owned, offset, msg, item)
             return
         self._decide(owned, msg, item, now)
@@ -658,28 +668,50 @@ class Manager:
 
     # --- admission control ----------------------------------------------------------------
     #
-    # A start is held (not decided) while its partition has max_live_sagas_per_partition live
-    # sagas, or older starts are held: first come, first admitted. Replies and everything else
-    # behind it are read and handled as usual. The inbox offset each transaction commits stays at
-    # the oldest held start (_commit_all): a new owner reads the inbox again from there, admits
-    # those starts, and finds that what it reads after them was handled already (late or
-    # duplicate replies and cancels are ignored by the decisions; see ARCHITECTURE.md).
+    # A start is held (not decided) while its partition has max_live_sagas_per_partition busy
+    # sagas (live, not waiting only for an operator), or older messages are held: first come,
+    # first admitted. So is any later message for a saga whose start is held, behind it. Replies
+    # and everything else are read and handled as usual. The inbox offset each transaction
+    # commits stays at the oldest held message (_commit_all): a new owner reads the inbox again
+    # from there, admits those starts, and finds that what it reads after them was handled
+    # already (late or duplicate replies and cancels are ignored by the decisions; see
+    # ARCHITECTURE.md). Memory stays bounded without ever pausing the partition (a pause would
+    # hold the replies the admitted sagas need): past max_held_per_partition, starts are not
+    # held but read again later (overflow_from), and until then only messages for live sagas are
+    # handled.
 
-    def _hold(self, owned: Owned, offset: int, msg: Message, start: StartSaga) -> None:
-        owned.held.append((offset, msg, start))
-        if len(owned.held) > self.settings.max_held_starts_per_partition and not owned.paused:
-            log.warning("partition %d: %d starts held (admission control); pausing its inbox until half are admitted", owned.partition, len(owned.held))
-            self.consumer.pause([TopicPartition(self.topics.inbox, owned.partition)])
-            owned.paused = True
+    def _busy(self, owned: Owned) -> int:
+        return len(owned.live) - len(owned.parked)
+
+    def _hold(self, owned: Owned, offset: int, msg: Message, item: Any) -> None:
+        if isinstance(item, StartSaga) and len(owned.held) >= self.settings.max_held_per_partition:
+            if owned.overflow_from is None:
+                log.warning("partition %d: %d inbox messages held (admission control); reading the rest again later", owned.partition, len(owned.held))
+                owned.overflow_from = offset
+            return
+        owned.held.append((offset, msg, item))
+        owned.held_ids[item.saga_id] += 1
 
     def _admit_held(self, owned: Owned, now: int) -> None:
         limit = self.settings.max_live_sagas_per_partition
-        while owned.held and len(owned.live) < limit:
-            _, msg, start = owned.held.popleft()
-            self._decide(owned, msg, start, now)
-        if owned.paused and len(owned.held) <= self.settings.max_held_starts_per_partition // 2:
-            self.consumer.resume([TopicPartition(self.topics.inbox, owned.partition)])
-            owned.paused = False
+        before = len(owned.held)
+        while owned.held:
+            _, msg, item = owned.held[0]
+            if isinstance(item, StartSaga) and self._busy(owned) >= limit:
+                break
+            owned.held.popleft()
+            owned.held_ids[item.saga_id] -= 1
+            if not owned.held_ids[item.saga_id]:
+                del owned.held_ids[item.saga_id]
+            self._decide(owned, msg, item, now)
+        moved = len(owned.held) < before
+        if owned.overflow_from is not None and len(owned.held) <= self.settings.max_held_per_partition // 2:
+            self.consumer.seek(TopicPartition(self.topics.inbox, owned.partition, owned.overflow_from))
+            owned.read_to, owned.overflow_from = owned.overflow_from, None
+            moved = True
+        # Commit how far the inbox is handled now, even when no message arrives in this loop.
+        if moved and owned.read_to is not None:
+            owned.outbox.next_inbox_offset = owned.held[0][0] if owned.held else owned.read_to
 
     def _caught_up(self, owned: Owned, now: int) -> bool:
         """Has the inbox been read to its end since takeover? Until then deadlines wait: a reply
@@ -737,6 +769,7 @@ class Manager:
         if state.status.terminal:
             owned.live.pop(saga_id, None)
             owned.sent.pop(saga_id, None)
+            owned.parked.discard(saga_id)
             owned.finished[saga_id] = state.updated_ms
             self.stats["completed" if state.status.value == "COMPLETED" else "aborted"] += 1
             return
@@ -763,6 +796,9 @@ class Manager:
         wake = decide.next_wakeup_ms(state, now)
         if wake is not None:
             heapq.heappush(owned.timers, (max(wake, now + 1), saga_id))
+            owned.parked.discard(saga_id)
+        else:  # waits only for an operator (its compensations left are in incident)
+            owned.parked.add(saga_id)
 
     def _dead_letter(self, owned: Owned, msg: Message, reason: DecodeError | str, now: int) -> None:
         self.stats["dead_lettered"] += 1

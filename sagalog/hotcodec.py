@@ -208,6 +208,7 @@ class _Compiler:
         if kind == "record":
             return [f"{indent}w_{_ident(schema['name'])}(out, {value})"]
         if kind == "enum":
+            _one_byte(len(schema["symbols"]), f"enum {schema['name']}")
             table = self.constant("ENUM", {symbol: i << 1 for i, symbol in enumerate(schema["symbols"])})
             return [f"{indent}out.append({table}[{value}])"]
         if kind == "array":
@@ -238,6 +239,7 @@ class _Compiler:
                 *(self.write(branches[other], v, indent + "    ") or [f"{indent}    pass"]),
             ]
         if all(name in self.records for name in names):  # a union of records: by the model's Avro name
+            _one_byte(len(names), f"union {names}")
             # Filled in with (branch byte, writer function) once the functions exist: compile_writer.
             table = self.constant("BRANCH", {name: i << 1 for i, name in enumerate(names)})
             self.union_tables.append(table)
@@ -346,6 +348,12 @@ class _Compiler:
             "    return record",
         ]
         return "\n".join(lines)
+
+
+def _one_byte(count: int, what: str) -> None:
+    """Enum symbols and record-union branches are written as one byte (index << 1): below 64."""
+    if count > 64:
+        raise ValueError(f"the hot codec writes the index of {what} as one byte: at most 64, not {count}")
 
 
 def _ident(avro_name: str) -> str:

@@ -88,3 +88,40 @@ def test_a_new_owner_admits_the_held_starts_once(setup, tmp_path: Path) -> None:
     records = _log(bootstrap, topics)
     assert Counter(r.saga_id for r in records if isinstance(r.events[0], SagaBegun)) == Counter(ids)
     assert _most_live(records) <= LIMIT
+
+
+def test_a_cancel_behind_a_held_start_waits_for_it(setup, tmp_path: Path) -> None:
+    """A saga's messages keep their order: the cancel of a saga whose start is held is applied
+    once the saga is admitted (it aborts), never dead-lettered as a cancel of an unknown saga."""
+    from harness import cancel_saga
+
+    bootstrap, topics, defs = setup
+    manager = ManagerProcess(bootstrap, topics, defs, tmp_path, "m1", partitions=1, extra=("--max-live-sagas", "1")).start()
+    try:
+        with ScriptedParticipant(bootstrap, topics, ["pa", "pb"], delay_s=0.3):
+            start_sagas(bootstrap, topics, "two", ["first", "second"])
+            cancel_saga(bootstrap, topics, "second", reason="changed my mind")  # "second" is held now
+            states = wait_terminal(bootstrap, topics, ["first", "second"], 90)
+    finally:
+        assert manager.stop() == 0, manager.output()[-3000:]
+    assert states["first"].status == "COMPLETED"
+    assert states["second"].status == "ABORTED" and "changed my mind" in (states["second"].reason or "")
+    assert "unknown saga" not in manager.output()
+
+
+def test_past_the_held_limit_starts_are_read_again_later_and_none_is_lost(setup, tmp_path: Path) -> None:
+    bootstrap, topics, defs = setup
+    ids = [f"ovf-{i:02d}" for i in range(10)]
+    extra = ("--max-live-sagas", "1", "--max-held", "2")
+    manager = ManagerProcess(bootstrap, topics, defs, tmp_path, "m1", partitions=1, extra=extra).start()
+    try:
+        with ScriptedParticipant(bootstrap, topics, ["pa", "pb"], delay_s=0.05):
+            start_sagas(bootstrap, topics, "two", ids)
+            states = wait_terminal(bootstrap, topics, ids, 120)
+    finally:
+        assert manager.stop() == 0, manager.output()[-3000:]
+    assert all(states[i].status == "COMPLETED" for i in ids)
+    records = _log(bootstrap, topics)
+    assert [r.saga_id for r in records if isinstance(r.events[0], SagaBegun)] == ids  # once each, in order
+    assert _most_live(records) == 1
+    assert "reading the rest again later" in manager.output()

@@ -188,7 +188,7 @@ def test_confluent_kafka_without_asyncio_still_finds_it_when_used() -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize(("command", "collector_on"), [("status", False), ("start", False), ("list", False), ("manager", True)])
+@pytest.mark.parametrize(("command", "collector_on"), [("status", False), ("history", False), ("list", False), ("start", True), ("manager", True)])
 def test_only_short_lived_commands_run_without_the_garbage_collector(command: str, collector_on: bool) -> None:
     code = (
         "import gc, sys\n"

@@ -50,9 +50,9 @@ def _register() -> None:
         importlib.import_module(f"sagacli.cli.{module}")
 
 
-#: Commands that run for a moment (a query, a start): a fresh process each time, so their speed
-#: is mostly start-up and exit.
-SHORT_LIVED = frozenset(name for name, module in COMMANDS.items() if module == "query")
+#: Queries people run in a loop and from scripts: a fresh process each time, so their speed is
+#: mostly start-up and exit (not ``start --from FILE`` or ``--wait``: those may run long).
+SHORT_LIVED = frozenset({"status", "history", "list"})
 
 
 def main() -> None:

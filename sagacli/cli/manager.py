@@ -44,6 +44,7 @@ def default_definitions() -> list[Path]:
     show_default=True,
     help="Admission control: live sagas per log partition; further starts wait their turn while running sagas go on.",
 )
+@click.option("--max-held", type=click.IntRange(min=1), default=50_000, hidden=True, help="Inbox messages held per partition before starts are read again later.")
 @click.option("-X", "client_settings", multiple=True, metavar="KEY=VALUE", help="librdkafka setting for every client (SASL/TLS...).")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def manager_command(
@@ -59,6 +60,7 @@ def manager_command(
     wait_for_broker: float,
     finished_retention_s: float,
     max_live_sagas: int,
+    max_held: int,
     client_settings: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -96,6 +98,7 @@ def manager_command(
         session_timeout_ms=session_timeout_ms,
         finished_retention_s=finished_retention_s,
         max_live_sagas_per_partition=max_live_sagas,
+        max_held_per_partition=max_held,
         metrics_port=metrics_port,
     )
     manager = Manager(settings)
