@@ -389,7 +389,12 @@ def test_a_topic_counts_as_created_only_once_every_partition_has_a_leader():
 def test_long_running_consumers_wait_long_only_where_the_broker_answers_fetches_early(bootstrap: str, request: pytest.FixtureRequest) -> None:
     from confluent_kafka.admin import AdminClient
 
-    from sagalog.kafka import EMBEDDED_CLUSTER_IDS, EMBEDDED_FETCH_WAIT_MS, FETCH_WAIT_MS, serving_fetch_wait_ms
+    from sagalog.kafka import (
+        EMBEDDED_CLUSTER_IDS,
+        EMBEDDED_FETCH_WAIT_MS,
+        FETCH_WAIT_MS,
+        serving_fetch_wait_ms,
+    )
 
     embedded = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).cluster_id in EMBEDDED_CLUSTER_IDS
     assert embedded == (request.config.getoption("--kafka") == "embedded")  # the suite's broker, told apart
