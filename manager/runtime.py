@@ -621,20 +621,19 @@ class Manager:
 
     def _handle_inbox(self, owned: Owned, msg: Message, now: int) -> None:
         topic, partition, offset = where(msg)
-        owned.outbox.next_inbox_offset = offset + 1
+        owned.outbox.next_inbox_offset = owned.read_to = offset + 1
+        key = (msg.key() or b"").decode("utf-8", "replace")
+        if owned.overflow_from is not None and key not in owned.live:
+            return  # read again from overflow_from (see _hold), with everything after it
         try:
             item = self.codec.decode(msg.value())
         except DecodeError as err:
             self._dead_letter(owned, msg, err.at(topic, partition, offset), now)
             return
-        key = (msg.key() or b"").decode("utf-8", "replace")
         saga_id = getattr(item, "saga_id", None)
         if saga_id != key:
             self._dead_letter(owned, msg, f"message key {key!r} is not its saga id {saga_id!r}: key inbox messages by saga id", now)
             return
-        owned.read_to = offset + 1
-        if owned.overflow_from is not None and key not in owned.live:
-            return  # read again from overflow_from (see _hold), with everything after it
         if owned.held_ids[key] or (isinstance(item, StartSaga) and (owned.held or self._busy(owned) >= self.settings.max_live_sagas_per_partition)):
             self._hold(owned, offset, msg, item)
             return
