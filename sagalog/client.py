@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sagalog.config import Topics, default_bootstrap
-from sagalog.errors import BrokerUnavailable, ConfigError, SagaError
+from sagalog.errors import BrokerError, BrokerUnavailable, ConfigError, SagaError
 
 if TYPE_CHECKING:
     from confluent_kafka import Producer
@@ -249,8 +249,9 @@ class SagaClient:
             producer, self._producer = self._producer, None
             models, self._models = self._models, []
             self._local = threading.local()  # other threads' references go with it
+        failed: BrokerError | None = None
         if producer is not None:
-            producer.flush(self.timeout_s)
+            failed = _flushed(producer, self.timeout_s, "delivering the queued requests")
         me = threading.get_ident()
         for thread, model in models:
             try:
@@ -260,6 +261,8 @@ class SagaClient:
                 # first), and SQLite closes the connection when the model is garbage-collected.
                 if thread == me:
                     raise
+        if failed is not None:
+            raise failed
 
     def _check_open(self) -> None:
         if self._closed:
@@ -678,3 +681,22 @@ def _status(status: SagaStatus | str | None) -> SagaStatus | None:
         raise ConfigError(
             f"unknown saga status {status!r}; use one of {', '.join(s.value for s in SagaStatus)}"
         ) from err
+
+
+def _flushed(producer: Any, timeout_s: float, doing: str) -> BrokerError | None:
+    """Flush ``producer``; a Kafka error it raises, in our words (None if none). A fatal producer
+    error (no ACL to write anything: no idempotent producer id) can surface here rather than in
+    the produce call, depending on timing, and confluent-kafka may raise it as a SystemError
+    chained to the KafkaException."""
+    from confluent_kafka import KafkaException
+
+    from sagalog.kafka import translate
+
+    try:
+        producer.flush(timeout_s)
+    except (KafkaException, SystemError) as err:
+        cause = err if isinstance(err, KafkaException) else (err.__cause__ or err.__context__)
+        if not isinstance(cause, KafkaException):
+            raise
+        return translate(cause, doing)
+    return None

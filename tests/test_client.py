@@ -311,3 +311,28 @@ def test_importing_the_client_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_fatal_producer_error_met_on_close_is_reported_in_our_words() -> None:
+    """Whether the refusal surfaces in produce() or in close()'s flush depends on timing: the CLI
+    prints one line either way (tests/test_acls.py meets both)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from sagalog.client import _flushed
+    from sagalog.errors import BrokerRefused
+
+    class RefusedProducer:
+        def flush(self, timeout: float) -> int:
+            raise KafkaException(KafkaError(KafkaError.CLUSTER_AUTHORIZATION_FAILED, "Failed to acquire idempotence PID", fatal=True))
+
+    class SystemErrorProducer:
+        def flush(self, timeout: float) -> int:
+            try:
+                RefusedProducer().flush(timeout)
+            except KafkaException as err:
+                raise SystemError("error return without exception set") from err
+            return 0
+
+    for producer in (RefusedProducer(), SystemErrorProducer()):
+        err = _flushed(producer, 1.0, "delivering")
+        assert isinstance(err, BrokerRefused) and "not authorized" in str(err)
