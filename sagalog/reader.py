@@ -13,6 +13,7 @@ process. Decoding happens in :func:`scan` and in the callers.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ def read_to_end(
     remaining = set(starts)
     if not remaining:
         return
+    _learn_leaders(consumer, topic, min(filter(None, (timeout_s, quiet_s, LEADER_LOOKUP_MAX_S))))
     try:
         consumer.assign([TopicPartition(topic, p, start) for p, start in starts.items()])
     except KafkaException as err:
@@ -123,6 +125,19 @@ def read_to_end(
                 yield batch
     finally:
         consumer.unassign()
+
+
+#: The longest :func:`read_to_end` waits for the topic's metadata before it reads.
+LEADER_LOOKUP_MAX_S = 5.0
+
+
+def _learn_leaders(consumer: Consumer, topic: str, timeout_s: float) -> None:
+    """Fetch the topic's metadata (its partitions' leaders) before assigning. librdkafka looks a
+    partition's start offset up at once only if it knows the leader; otherwise it retries after
+    a fixed 500 ms, so a fresh consumer (a takeover's replay) waited half a second for nothing.
+    Best effort: a broker that does not answer is dealt with by the read itself."""
+    with contextlib.suppress(KafkaException):
+        consumer.list_topics(topic, timeout=timeout_s)
 
 
 def _ready(consumer: Consumer, max_batch: int) -> list[Message]:

@@ -72,8 +72,13 @@ class ScriptedConsumer:
         self.batches = list(batches)
         self.assigned: list[TopicPartition] | None = None
         self.unassigned = False
+        self.calls: list[str] = []
+
+    def list_topics(self, topic: str, timeout: float) -> None:
+        self.calls.append(f"metadata {topic}")
 
     def assign(self, partitions: list[TopicPartition]) -> None:
+        self.calls.append("assign")
         self.assigned = partitions
 
     def unassign(self) -> None:
@@ -119,6 +124,9 @@ def test_reads_each_partition_to_its_end_and_yields_batch_by_batch() -> None:
     assert consumer.assigned is not None
     assert [(tp.topic, tp.partition, tp.offset) for tp in consumer.assigned] == [(TOPIC, 0, 5), (TOPIC, 1, 0)]
     assert consumer.unassigned
+    # The leaders are known before the assignment: librdkafka otherwise looks the start offsets
+    # up only after a fixed 500 ms (a takeover's fresh reader waited that long for nothing).
+    assert consumer.calls == [f"metadata {TOPIC}", "assign"]
 
 
 def test_what_arrives_after_a_partitions_end_is_left_for_the_next_read() -> None:
