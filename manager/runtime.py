@@ -59,6 +59,7 @@ from sagalog.kafka import (
     translate,
     where,
 )
+from sagalog.peek import LogPeek
 from sagalog.reader import read_to_end
 from sagalog.records import (
     Action,
@@ -73,6 +74,9 @@ if TYPE_CHECKING:
     from manager.metrics import ManagerMetrics
 
 log = logging.getLogger("saga.manager")
+
+#: How long a poll waits while a transaction is committing (see ``Manager._poll_wait``).
+WRITING_POLL_WAIT_S = 0.002
 
 
 def now_ms() -> int:
@@ -164,6 +168,10 @@ class Owned:
     parked: set[str] = field(default_factory=set)
     overflow_from: int | None = None
     read_to: int | None = None
+    #: The transaction committing on a worker thread, if any. At most one per partition: the next
+    #: one carries decisions taken on the assumption that this one's records are on the log, so
+    #: it starts only once this one has committed (and never, if it failed).
+    writing: Future[BrokerError | None] | None = None
 
 
 @dataclass
@@ -189,6 +197,7 @@ class Manager:
     def __init__(self, settings: ManagerSettings, codec: Codec | None = None) -> None:
         self.settings = settings
         self.codec = codec or Codec()
+        self._peek = LogPeek(self.codec)
         self.topics = settings.topics
         self.owned: dict[int, Owned] = {}
         self.running = False
@@ -259,7 +268,9 @@ class Manager:
         self.running = False
 
     def close(self) -> None:
-        for p in list(self.owned):
+        for p, owned in list(self.owned.items()):
+            if owned.outbox and p in self.owned:
+                self._commit(p, owned)  # what was decided leaves before the partition does
             self._release(p)
         try:
             self.consumer.close()  # leaves the group: the others take over without waiting for the session timeout
@@ -300,14 +311,19 @@ class Manager:
                 self._admit_held(owned, now)
             if now >= owned.next_sweep_ms:
                 self._tombstone_finished(owned, now)
-        self._commit_all()
+        self._write_outboxes()
         self._service_pending()
 
     def _poll_wait(self) -> float:
+        longest = self.settings.max_poll_wait_s
+        if any(o.writing is not None for o in self.owned.values()):
+            # Nothing wakes a poll when a transaction commits: look again soon, so that the
+            # outbox collected meanwhile leaves right after it (or a failure is acted on).
+            longest = min(longest, WRITING_POLL_WAIT_S)
         wake = min((o.timers[0][0] for o in self.owned.values() if o.timers), default=None)
         if wake is None:
-            return self.settings.max_poll_wait_s
-        return max(0.0, min(self.settings.max_poll_wait_s, (wake - now_ms()) / 1000))
+            return longest
+        return max(0.0, min(longest, (wake - now_ms()) / 1000))
 
     # --- ownership ------------------------------------------------------------------------
     #
@@ -538,15 +554,16 @@ class Manager:
         claim_began = time.monotonic()
         now = now_ms()
         # Above every epoch seen on the partition: its claims, and (should a claim be missing) its records.
-        epoch = max([fold.epoch, *(state.epoch for state in fold.sagas.values())]) + 1
+        epoch = max([fold.epoch, fold.finished_epoch, *(state.epoch for state in fold.sagas.values())]) + 1
         owned = Owned(partition=p, epoch=epoch, producer=producer)
         owned.outbox.log.append(
             (PartitionClaim.key(p), self.codec.encode(PartitionClaim(partition=p, epoch=owned.epoch, owner=self.settings.instance_id, timestamp_ms=now)))
         )
+        # Ended sagas, oldest first (tombstoned in that order once retained long enough).
+        ended = [(saga_id, state.updated_ms) for saga_id, state in fold.sagas.items() if state.status.terminal]
+        owned.finished.update(sorted([*ended, *fold.finished.items()], key=lambda item: item[1]))
         for saga_id, state in sorted(fold.sagas.items(), key=lambda item: item[1].updated_ms):
-            if state.status.terminal:
-                owned.finished[saga_id] = state.updated_ms
-            else:
+            if not state.status.terminal:
                 owned.live[saga_id] = state
                 self._after_decision(owned, state, [], now)  # re-sends outstanding commands, arms timers
         owned.catch_up_by = now + self.settings.takeover_catch_up_max_ms
@@ -563,7 +580,7 @@ class Manager:
         log.info(
             "took over partition %d at epoch %d: %d sagas rebuilt, %d live resumed, %d records rejected, "
             "in %.0f ms (fencing %.0f ms, replay %.0f ms, waiting %.0f ms, claim %.0f ms)",
-            p, owned.epoch, len(fold.sagas), len(owned.live), fold.rejected_count,
+            p, owned.epoch, len(fold.sagas) + len(fold.finished), len(owned.live), fold.rejected_count,
             1000 * (time.monotonic() - started), 1000 * fenced_s, 1000 * replayed_s,
             1000 * (claim_began - started - fenced_s - replayed_s), 1000 * (time.monotonic() - claim_began),
         )  # fmt: skip
@@ -579,7 +596,8 @@ class Manager:
 
         The end is the partition-EOF event, never the high watermark: some brokers (Tansu)
         under-report the watermark after multi-record batches, and stopping there would lose sagas.
-        Only each saga's newest acceptable record is decoded (:func:`sagalog.fold.fold_newest`).
+        Only each saga's newest acceptable record is read, and decoded only if the saga has not
+        ended (:func:`sagalog.fold.fold_newest` with :class:`sagalog.peek.LogPeek`).
         """
         messages: dict[int, list[tuple[bytes | None, bytes | None, int]]] = {p: [] for p in partitions}
         ends: dict[int, int] = {}
@@ -598,7 +616,7 @@ class Manager:
         folds = {}
         for p in partitions:
             self._replayed[p] = len(messages[p])
-            fold = folds[p] = fold_newest(messages[p], self.codec.decode, p)
+            fold = folds[p] = fold_newest(messages[p], self.codec.decode, p, self._peek.peek)
             fold.next_offset = ends[p]
             for offset, reason in fold.rejected[:20]:
                 log.warning("log partition %d offset %d rejected on replay: %s", p, offset, reason)
@@ -608,6 +626,9 @@ class Manager:
         owned = self.owned.pop(p, None)
         if owned is None:
             return
+        # Its producer is ours again only once a transaction in flight has ended (committed or
+        # not: a next owner reads whatever it left on the log).
+        self._wait_written(p, owned)
         try:
             owned.producer.abort_transaction(1)
         except KafkaException:
@@ -671,7 +692,7 @@ class Manager:
     # sagas (live, not waiting only for an operator), or older messages are held: first come,
     # first admitted. So is any later message for a saga whose start is held, behind it. Replies
     # and everything else are read and handled as usual. The inbox offset each transaction
-    # commits stays at the oldest held message (_commit_all): a new owner reads the inbox again
+    # commits stays at the oldest held message (_seal): a new owner reads the inbox again
     # from there, admits those starts, and finds that what it reads after them was handled
     # already (late or duplicate replies and cancels are ignored by the decisions; see
     # ARCHITECTURE.md). Memory stays bounded without ever pausing the partition (a pause would
@@ -823,35 +844,52 @@ class Manager:
 
     # --- the one write path -----------------------------------------------------------------
 
-    def _commit_all(self) -> None:
-        """Write every partition's outbox. Each partition has its own producer, and a commit is
-        mostly waiting on the broker (librdkafka releases the GIL), so they run concurrently."""
-        pending = [(p, owned) for p, owned in self.owned.items() if owned.outbox]
-        if not pending:
-            return
-        for _, owned in pending:
-            if owned.held and owned.outbox.next_inbox_offset is not None:  # not past a start not admitted yet
-                owned.outbox.next_inbox_offset = min(owned.outbox.next_inbox_offset, owned.held[0][0])
-        metadata = self.consumer.consumer_group_metadata()
-        if len(pending) == 1:
-            errors = [self._write(pending[0][0], pending[0][1], metadata)]
-        else:
-            errors = list(self._writers.map(lambda item: self._write(item[0], item[1], metadata), pending))
-        for (p, _), err in zip(pending, errors, strict=True):
-            if err is not None:
-                self._write_failed(p, err)
+    def _write_outboxes(self) -> None:
+        """Start each partition's next transaction: group commit, one in flight per partition.
+
+        A transaction is mostly waiting on the broker (librdkafka releases the GIL), so it runs
+        on a worker thread while this loop goes on polling and deciding; whatever is decided
+        meanwhile collects in the outbox and leaves as the next transaction once this one has
+        committed. Under load each transaction so carries every decision of a commit's duration
+        (fewer, larger transactions); when quiet, a decision leaves at once. Each partition has
+        its own producer, so partitions commit concurrently."""
+        metadata = None
+        for p, owned in list(self.owned.items()):
+            if owned.writing is not None:
+                if not owned.writing.done():
+                    continue
+                err = owned.writing.result()
+                owned.writing = None
+                if err is not None:
+                    self._write_failed(p, err)  # drops what was decided since: memory is ahead of the log
+                    continue
+            if not owned.outbox:
+                continue
+            if metadata is None:
+                metadata = self.consumer.consumer_group_metadata()
+            owned.writing = self._writers.submit(self._write, p, owned.producer, self._seal(owned), metadata)
+
+    def _seal(self, owned: Owned) -> Outbox:
+        """Take the partition's outbox for writing; a new one collects what comes next."""
+        out, owned.outbox = owned.outbox, Outbox()
+        if owned.held and out.next_inbox_offset is not None:  # not past a start not admitted yet
+            out.next_inbox_offset = min(out.next_inbox_offset, owned.held[0][0])
+        return out
+
+    def _wait_written(self, p: int, owned: Owned) -> BrokerError | None:
+        """Wait for the partition's transaction in flight, if any: its result."""
+        writing, owned.writing = owned.writing, None
+        return None if writing is None else writing.result()
 
     def _commit(self, p: int, owned: Owned) -> None:
-        """Write one partition's outbox now (takeover)."""
-        err = self._write(p, owned, self.consumer.consumer_group_metadata())
+        """Write one partition's outbox now and wait for it (takeover)."""
+        err = self._wait_written(p, owned) or self._write(p, owned.producer, self._seal(owned), self.consumer.consumer_group_metadata())
         if err is not None:
             self._write_failed(p, err)
 
-    def _write(self, p: int, owned: Owned, group_metadata: object) -> BrokerError | None:
+    def _write(self, p: int, producer: Producer, out: Outbox, group_metadata: object) -> BrokerError | None:
         """One transaction: log records, commands, dead letters and the inbox offset consumed up to.
-        Runs on a worker thread: touches nothing but the partition's own producer and outbox."""
-        out, owned.outbox = owned.outbox, Outbox()
-        producer = owned.producer
+        Runs on a worker thread: touches nothing but the partition's producer and the sealed outbox."""
         began = time.perf_counter()
         try:
             producer.begin_transaction()

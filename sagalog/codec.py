@@ -95,6 +95,11 @@ class Codec:
         """Current fingerprint of each record, by Avro name (for tests and other languages)."""
         return {name: fp for name, (fp, _) in self._current.items()}
 
+    def current_schema(self, name: str) -> tuple[bytes, dict[str, Any]]:
+        """The current version of a record's schema, parsed, with its fingerprint."""
+        fp, schema = self._current[name]
+        return fp, schema
+
     def known_writer_versions(self, name: str) -> int:
         return sum(1 for n, _ in self._writers.values() if n == name)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sagalog.definition import SagaDefinition, definition_from_json
 from sagalog.errors import (
@@ -59,6 +59,9 @@ from sagalog.records import (
     StepStatus,
     trusted,
 )
+
+if TYPE_CHECKING:
+    from sagalog.peek import Peeked
 
 S, T = SagaStatus, StepStatus
 
@@ -345,6 +348,11 @@ class PartitionFold:
     max_rejected_kept: int = 1000
     #: Where a replay that built this fold stopped: the partition's end when it was read.
     next_offset: int = 0
+    #: Sagas known to have ended without their state being built: saga id -> when the record
+    #: that ended it was written (ms). Only :func:`fold_newest` with a ``peek`` fills it.
+    finished: dict[str, int] = field(default_factory=dict)
+    #: The highest epoch of any record in ``finished`` (a takeover claims above every epoch seen).
+    finished_epoch: int = 0
 
     def apply(self, key: bytes | None, item: SagaLogRecord | PartitionClaim | DecodeError | None, offset: int) -> None:
         """Apply one decoded log message (``None``: a tombstone that removes a finished saga)."""
@@ -381,6 +389,7 @@ def fold_newest(
     messages: list[tuple[bytes | None, bytes | None, int]],
     decode: Callable[[bytes], Any],
     partition: int = -1,
+    peek: Callable[[bytes], Peeked | None] | None = None,
 ) -> PartitionFold:
     """The partition's sagas from each saga's newest acceptable record: a fast takeover replay.
 
@@ -390,6 +399,10 @@ def fold_newest(
     record per saga is decoded instead of all of them. A newest record that does not decode, or
     was written at an epoch older than a claim before it (a zombie's), is rejected and the next
     older one is tried, as the full fold would.
+
+    With ``peek`` (:meth:`sagalog.peek.LogPeek.peek`), a saga whose newest record ends it is not
+    decoded at all: it goes to ``finished`` with the record's timestamp. On a busy partition most
+    sagas have ended, so a takeover builds the state only of those still running.
     """
     fold = PartitionFold(partition=partition)
     claims: list[tuple[int, int]] = []  # (offset, epoch), in log order
@@ -412,9 +425,18 @@ def fold_newest(
 
     for indexes in by_key.values():
         for index in reversed(indexes):
-            _, value, offset = messages[index]
+            key, value, offset = messages[index]
             if value is None:
                 break  # tombstoned: the saga is gone
+            peeked = peek(value) if peek is not None else None
+            if peeked is not None and peeked.ends_saga and key is not None:
+                if peeked.epoch < epoch_before(offset):
+                    fold._reject(offset, f"saga {key.decode('utf-8', 'replace')}: written at epoch {peeked.epoch} after a newer claim (a zombie's write)")
+                    continue
+                fold.finished[key.decode("utf-8", "replace")] = peeked.timestamp_ms
+                fold.finished_epoch = max(fold.finished_epoch, peeked.epoch)
+                fold.applied += 1
+                break
             try:
                 record = decode(value)
             except DecodeError as err:

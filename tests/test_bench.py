@@ -18,9 +18,10 @@ from sagacli.bench.common import find_broker_process, percentile, summary
 from sagacli.bench.config import FIGURE_TARGETS
 from sagacli.bench.report import lookup
 from sagacli.bench.runner import parse_also
-from sagacli.bench.wire import LogPeek, StartEncoder, Template, saga_history
+from sagacli.bench.wire import StartEncoder, Template, check_peek, saga_history
 from sagalog.codec import Codec
 from sagalog.definition import DefinitionSet
+from sagalog.peek import LogPeek
 from sagalog.records import SagaLogRecord, StartSaga
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_hand_written_wire_matches_the_codec() -> None:
     ]
     peek = LogPeek(codec)
     for record in history:
-        peek.check(codec, record)
+        check_peek(peek, codec, record)
     rendered = codec.decode(Template(codec.encode(history[-1]), "#" * 12).render(b"q00000000007"))
     assert isinstance(rendered, SagaLogRecord)
     assert rendered.saga_id == "q00000000007"

@@ -22,12 +22,11 @@ def test_a_failed_transaction_is_recovered_from_the_log(bootstrap: str, make_top
     real_write = manager._write
     failures: list[int] = []
 
-    def write_failing_once(p, owned, metadata):
-        if not failures and owned.outbox.next_inbox_offset is not None:
-            failures.append(p)
-            owned.outbox = type(owned.outbox)()  # the batch is lost, as when the broker aborts it
+    def write_failing_once(p, producer, out, metadata):
+        if not failures and out.next_inbox_offset is not None:
+            failures.append(p)  # the batch is lost, as when the broker aborts it
             return BrokerError("injected: transaction failed", retryable=True)
-        return real_write(p, owned, metadata)
+        return real_write(p, producer, out, metadata)
 
     manager._write = write_failing_once  # type: ignore[method-assign]
     thread = threading.Thread(target=manager.run, daemon=True)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from sagacli.bench.wire import LogPeek, StartEncoder
+from sagacli.bench.wire import StartEncoder
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.errors import DecodeError
 from sagalog.kafka import producer_config, reader_config
+from sagalog.peek import LogPeek
 from sagalog.records import CLAIM_KEY_PREFIX, PartitionClaim, SagaLogRecord
 
 CLAIM_PREFIX = CLAIM_KEY_PREFIX

@@ -4,11 +4,10 @@ py-spy (``pip install py-spy``) attaches to the running processes without stoppi
 (``--nonblocking``) and writes collapsed stacks (``profile-<name>.txt``, which speedscope.app or
 flamegraph.pl read). The summary kept in the results:
 
-* the manager is sampled with ``--idle``: shares are of wall-clock time of its one Python thread,
-  so time spent blocked in librdkafka (waiting for messages, for a transaction to commit) shows
-  up, attributed to the Kafka call it is blocked in;
-* the participant runs its loop in a thread while the main thread sleeps, so it is sampled
-  without ``--idle``: shares are of its time on CPU.
+* both are sampled on CPU (without ``--idle``): shares are of time spent computing, which is what
+  limits throughput. (The manager's loop no longer blocks on its transactions: they commit on
+  worker threads while it goes on deciding, so a wall-clock view would mostly show threads
+  waiting on the broker.)
 
 Each leaf frame is classified by its source line: a call into the Kafka client (``consume``,
 ``commit_transaction``, ...) or Python work.
@@ -60,8 +59,6 @@ class Recorder:
                 binary, "record", "--pid", str(target.pid), "--duration", str(max(1, int(self.seconds))),
                 "--rate", "250", "--nonblocking", "--format", "raw", "--output", str(out),
             ]
-            if name == "manager":
-                argv.append("--idle")
             self._spies[name] = self.ctx.procs.spawn(f"py-spy-{name}", argv)
         return self
 
@@ -74,7 +71,7 @@ class Recorder:
             self.ctx.procs.close([spy])
             path = self.ctx.out / f"profile-{name}.txt"
             if path.exists() and path.stat().st_size > 0:
-                self.results[name] = summarize(path, wall_clock=name == "manager")
+                self.results[name] = summarize(path)
             else:
                 self.results[name] = {"error": f"py-spy wrote nothing; its output:\n{spy.tail()}"}
 
@@ -87,7 +84,7 @@ def _source(file: str, line: int) -> str:
     return ""
 
 
-def summarize(path: Path, *, wall_clock: bool, top: int = 15) -> dict[str, Any]:
+def summarize(path: Path, *, top: int = 15) -> dict[str, Any]:
     """Top frames by self and inclusive samples, and the share spent in Kafka client calls."""
     self_samples: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -125,7 +122,7 @@ def summarize(path: Path, *, wall_clock: bool, top: int = 15) -> dict[str, Any]:
     ][: top + 10]
     return {
         "samples": total,
-        "view": "wall clock (idle included)" if wall_clock else "on CPU",
+        "view": "on CPU",
         "file": path.name,
         "categories": {k: round(v / total, 4) for k, v in categories.most_common()},
         "top_self": top_self,

@@ -3,8 +3,8 @@ system it measures (2 cores, shared with the broker, managers and participants).
 
 * :class:`StartEncoder` writes ``StartSaga`` messages by hand (single-object Avro header plus four
   fields), checked at construction against the project's codec byte for byte.
-* :class:`LogPeek` reads only the fixed prefix of a ``SagaLogRecord`` (saga id, seq, epoch,
-  timestamp, event branch) instead of decoding the whole snapshot; also checked against the codec.
+* :func:`check_peek` checks the core's :class:`sagalog.peek.LogPeek` (which the log tailer uses
+  to read the front of a ``SagaLogRecord`` instead of decoding its snapshot) against the codec.
 * :class:`Template` turns one encoded record into many by swapping a fixed-length saga id.
 * :func:`saga_history` builds the real records of a 3-step saga with ``manager.decide``, so the
   synthetic logs of the replay and query benchmarks are exactly what a manager would write.
@@ -13,11 +13,12 @@ system it measures (2 cores, shared with the broker, managers and participants).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from manager import decide
-from sagalog.codec import MAGIC, Codec, schema_fingerprint, schemas_dir
+from sagalog.codec import MAGIC, Codec, schemas_dir
 from sagalog.definition import SagaDefinition
+from sagalog.hotcodec import varint
+from sagalog.peek import LogPeek, Peeked
 from sagalog.records import (
     Action,
     ParticipantCommand,
@@ -31,33 +32,9 @@ SAGA_LOG_RECORD = "sagalog.SagaLogRecord"
 START_SAGA = "sagalog.StartSaga"
 
 
-def encode_long(n: int) -> bytes:
-    """Avro ``long``: zig-zag, then base-128 varint."""
-    z = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
 def encode_string(s: str) -> bytes:
     data = s.encode()
-    return encode_long(len(data)) + data
-
-
-def read_long(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = 0
-    z = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        z |= (b & 0x7F) << shift
-        if b < 0x80:
-            break
-        shift += 7
-    return (z >> 1) ^ -(z & 1), pos
+    return varint(len(data)) + data
 
 
 def _schema_json(avro_name: str) -> dict:
@@ -85,99 +62,15 @@ class StartEncoder:
             raise RuntimeError("the hand-written StartSaga encoding differs from the codec's: update sagacli/bench/wire.py")
 
     def encode(self, saga_id: str, requested_ms: int) -> bytes:
-        return b"".join((self._header, encode_string(saga_id), self._middle, encode_long(requested_ms)))
+        return b"".join((self._header, encode_string(saga_id), self._middle, varint(requested_ms)))
 
 
-@dataclass(frozen=True, slots=True)
-class Peeked:
-    seq: int
-    epoch: int
-    timestamp_ms: int
-    events: tuple[str, ...]  # short Avro names, oldest first: ("StepEnded", "StepBegun"), ...
-
-    @property
-    def event(self) -> str:
-        """The record's last event."""
-        return self.events[-1]
-
-
-#: How to step over an event's fields: a number (int, long, enum), a string, an optional string.
-NUMBER, STRING, OPTIONAL_STRING = 0, 1, 2
-
-
-def _field_kind(avro_type: object) -> int:
-    if avro_type in ("int", "long") or (isinstance(avro_type, dict) and avro_type.get("type") == "enum"):
-        return NUMBER
-    if avro_type == "string":
-        return STRING
-    if avro_type == ["null", "string"]:
-        return OPTIONAL_STRING
-    raise RuntimeError(f"an event field of type {avro_type!r}: update sagacli/bench/wire.py")
-
-
-def _skip(data: bytes, pos: int, kinds: tuple[int, ...]) -> int:
-    for kind in kinds:
-        if kind == OPTIONAL_STRING:
-            present, pos = read_long(data, pos)
-            if not present:
-                continue
-        n, pos = read_long(data, pos)
-        if kind != NUMBER:
-            pos += n
-    return pos
-
-
-class LogPeek:
-    """Reads seq, epoch, timestamp and the event types from the front of a log record, skipping
-    the event fields and never touching the snapshot.
-
-    Only records written with the current ``SagaLogRecord`` schema are peeked; anything else
-    (older writer versions, claims, garbage) returns None and the caller decodes it fully.
-    """
-
-    def __init__(self, codec: Codec) -> None:
-        raw = _schema_json(SAGA_LOG_RECORD)
-        fields = raw["fields"]
-        names = [f["name"] for f in fields[:6]]
-        if names != ["saga_id", "seq", "epoch", "timestamp_ms", "event", "events_before"]:
-            raise RuntimeError(f"SagaLogRecord field order changed ({names}): update sagacli/bench/wire.py")
-        self.events = [t["name"] for t in fields[4]["type"]]
-        self._skips = [tuple(_field_kind(f["type"]) for f in t["fields"]) for t in fields[4]["type"]]
-        self._header = MAGIC + schema_fingerprint(raw)
-        if self._header[2:] != codec.fingerprints[SAGA_LOG_RECORD]:
-            raise RuntimeError("schemas/ changed under the codec: restart the bench")
-
-    def peek(self, data: bytes) -> Peeked | None:
-        if data[:10] != self._header:
-            return None
-        n, pos = read_long(data, 10)
-        pos += n  # skip the saga id: the message key carries it
-        seq, pos = read_long(data, pos)
-        epoch, pos = read_long(data, pos)
-        ts, pos = read_long(data, pos)
-        last, pos = read_long(data, pos)
-        pos = _skip(data, pos, self._skips[last])
-        events = []
-        while True:  # events_before: Avro array blocks, a zero count ends them
-            count, pos = read_long(data, pos)
-            if count == 0:
-                break
-            if count < 0:
-                count = -count
-                _, pos = read_long(data, pos)
-            for _ in range(count):
-                branch, pos = read_long(data, pos)
-                pos = _skip(data, pos, self._skips[branch])
-                events.append(self.events[branch])
-        events.append(self.events[last])
-        return Peeked(seq, epoch, ts, tuple(events))
-
-    def check(self, codec: Codec, record: SagaLogRecord) -> None:
-        """Raise if peeking an encoded ``record`` does not give back its fields."""
-        got = self.peek(codec.encode(record))
-        want = Peeked(record.seq, record.epoch, record.timestamp_ms, tuple(type(e).__name__ for e in record.events))
-        if got != want:
-            raise RuntimeError(f"LogPeek read {got}, the codec wrote {want}: update sagacli/bench/wire.py")
+def check_peek(peek: LogPeek, codec: Codec, record: SagaLogRecord) -> None:
+    """Raise if peeking an encoded ``record`` does not give back its fields."""
+    got = peek.peek(codec.encode(record))
+    want = Peeked(record.seq, record.epoch, record.timestamp_ms, tuple(type(e).__name__ for e in record.events))
+    if got != want:
+        raise RuntimeError(f"LogPeek read {got}, the codec wrote {want}: update sagalog/peek.py")
 
 
 class Template:
