@@ -150,7 +150,9 @@ class Owned:
     live: dict[str, SagaState] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)  # saga id -> ended at (ms), for dedup + tombstones
     timers: list[tuple[int, str]] = field(default_factory=list)  # heap of (wake at ms, saga id)
-    sent: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # saga id -> {(command id, attempt)}
+    #: saga id -> the attempts whose command this manager sent: (step, action, attempt). A tuple,
+    #: not a set: a saga has a few, and a manager holds one per live saga.
+    sent: dict[str, tuple[tuple[str, Action, int], ...]] = field(default_factory=dict)
     outbox: Outbox = field(default_factory=Outbox)
     #: Timers wait until the inbox partition has been read to its end once (a partition-EOF event)
     #: after takeover, or until ``catch_up_by``.
@@ -794,22 +796,21 @@ class Manager:
             self.stats["completed" if state.status.value == "COMPLETED" else "aborted"] += 1
             return
         owned.live[saga_id] = state
-        sent = owned.sent.setdefault(saga_id, set())
+        sent = owned.sent.get(saga_id, ())
         key = saga_id.encode()
         # The decision's own commands, then anything the log says is due but not sent by us yet
         # (after a takeover: everything in flight; after a backoff: the delayed retry). Checked
-        # by (command id, attempt) first: building a command costs more than asking.
-        own = {(command.command_id, command.attempt) for _, command in commands}
+        # by (step, action, attempt) first: building a command costs more than asking.
+        own = [(command.step, command.action, command.attempt) for _, command in commands]
         due = []
-        for step, action, attempt in decide.due_attempts(state, now):
-            marker = (ParticipantCommand.make_id(saga_id, step, action), attempt)
+        for marker in decide.due_attempts(state, now):
             if marker not in sent and marker not in own:
-                due.append(decide.command_for(state, step, action, attempt, self._ctx(owned, now)))
+                due.append(decide.command_for(state, *marker, self._ctx(owned, now)))
         for participant, command in chain(commands, due):
-            marker = (command.command_id, command.attempt)
+            marker = (command.step, command.action, command.attempt)
             if marker in sent:
                 continue
-            sent.add(marker)
+            sent = owned.sent[saga_id] = (*sent, marker)
             if self.tracing is not None:  # names the attempt's span, whichever manager emits it
                 owned.outbox.command_headers[len(owned.outbox.commands)] = self.tracing.command_headers(saga_id, state, command)
             owned.outbox.commands.append((self.topics.commands(participant), key, self.codec.encode(command)))

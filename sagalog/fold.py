@@ -147,6 +147,20 @@ class SagaState(SagaSnapshot):
         )
 
 
+#: The steps of a saga that has just begun, by definition: frozen values, so every saga of a type
+#: shares one tuple until a step changes (a manager holds thousands of live sagas).
+_PENDING_STEPS: dict[str, tuple[StepSnapshot, ...]] = {}
+
+
+def _pending_steps(definition: SagaDefinition) -> tuple[StepSnapshot, ...]:
+    steps = _PENDING_STEPS.get(definition.canonical_json)
+    if steps is None:
+        steps = tuple(StepSnapshot(name=s.name) for s in definition.steps)
+        if len(_PENDING_STEPS) < 1000:
+            _PENDING_STEPS[definition.canonical_json] = steps
+    return steps
+
+
 def begin(
     saga_id: str, definition: SagaDefinition, payload: str, now_ms: int, epoch: int
 ) -> tuple[SagaBegun, SagaState]:
@@ -159,7 +173,7 @@ def begin(
         definition=definition.canonical_json,
         payload=payload,
         status=S.RUNNING,
-        steps=tuple(StepSnapshot(name=s.name) for s in definition.steps),
+        steps=_pending_steps(definition),
         started_ms=now_ms,
         updated_ms=now_ms,
     )
