@@ -7,7 +7,8 @@ system it measures (2 cores, shared with the broker, managers and participants).
   timestamp, event branch) instead of decoding the whole snapshot; also checked against the codec.
 * :class:`Template` turns one encoded record into many by swapping a fixed-length saga id.
 * :func:`saga_history` builds the real records of a 3-step saga with ``manager.decide``, so the
-  synthetic logs of the replay and query benchmarks are exactly what a manager would write.
+  synthetic logs of the replay and query benchmarks are exactly what a manager would write; and
+  :func:`definition_message` the definition record a manager writes on a partition before them.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 from manager import decide
 from sagalog.codec import MAGIC, Codec, schema_fingerprint, schemas_dir
 from sagalog.definition import SagaDefinition
+from sagalog.fold import SagaState, definition_record
 from sagalog.records import (
     Action,
     ParticipantCommand,
     ParticipantReply,
     ReplyOutcome,
+    SagaDefinitionRecord,
     SagaLogRecord,
     StartSaga,
 )
@@ -132,7 +135,8 @@ class LogPeek:
     the event fields and never touching the snapshot.
 
     Only records written with the current ``SagaLogRecord`` schema are peeked; anything else
-    (older writer versions, claims, garbage) returns None and the caller decodes it fully.
+    (older writer versions, claims, definition records, garbage) returns None: the caller skips
+    it or decodes it fully.
     """
 
     def __init__(self, codec: Codec) -> None:
@@ -220,6 +224,13 @@ def saga_history(
         pending.extend(decision.commands)
     assert decision.state is not None and decision.state.status.terminal, "the synthetic saga did not finish"
     return records
+
+
+def definition_message(codec: Codec, records: list[SagaLogRecord], writer: str = "bench-synthetic") -> tuple[bytes, bytes]:
+    """(key, value) of the definition record the sagas of ``records`` (from :func:`saga_history`)
+    pin: a manager writes it on a partition before the first of them, and readers need it there."""
+    pinned = definition_record(SagaState.from_record(records[0]), records[0].timestamp_ms, writer)
+    return SagaDefinitionRecord.key(pinned.definition_id), codec.encode(pinned)
 
 
 def _success(command: ParticipantCommand) -> ParticipantReply:
