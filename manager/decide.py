@@ -54,6 +54,7 @@ from sagalog.records import (
     StepEnded,
     StepOutcome,
     StepStatus,
+    is_saga_key,
     trusted,
 )
 
@@ -150,6 +151,9 @@ def on_inbox(
     with the reason); late replies and cancels for a saga that has ended are ignored.
     """
     if isinstance(item, StartSaga):
+        if not is_saga_key(item.saga_id.encode()):
+            # Its records would be keyed like the partition's claims or definition records.
+            return reject(state, f"saga id {item.saga_id!r} starts with a prefix the saga log reserves (__claim__/, __definition__/)")
         definition = definitions.get(item.saga_type)
         if definition is None:
             return reject(state, f"unknown saga type {item.saga_type!r} (known: {', '.join(definitions.names())})")

@@ -49,7 +49,7 @@ from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import BrokerError, DecodeError, Fenced, FoldError
-from sagalog.fold import PartitionFold, SagaState, fold_newest
+from sagalog.fold import PartitionFold, SagaState, definition_record, fold_newest
 from sagalog.kafka import (
     consumer_config,
     must_stop,
@@ -67,6 +67,7 @@ from sagalog.records import (
     ParticipantCommand,
     ParticipantReply,
     PartitionClaim,
+    SagaDefinitionRecord,
     StartSaga,
 )
 
@@ -174,6 +175,9 @@ class Owned:
     #: one carries decisions taken on the assumption that this one's records are on the log, so
     #: it starts only once this one has committed (and never, if it failed).
     writing: Future[BrokerError | None] | None = None
+    #: Ids of the definition records on this log partition: from the replay, then our own writes
+    #: (dropped with the rest of this state if a transaction fails, so never ahead of the log).
+    definitions: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -557,7 +561,7 @@ class Manager:
         now = now_ms()
         # Above every epoch seen on the partition: its claims, and (should a claim be missing) its records.
         epoch = max([fold.epoch, fold.finished_epoch, *(state.epoch for state in fold.sagas.values())]) + 1
-        owned = Owned(partition=p, epoch=epoch, producer=producer)
+        owned = Owned(partition=p, epoch=epoch, producer=producer, definitions=set(fold.definitions))
         owned.outbox.log.append(
             (PartitionClaim.key(p), self.codec.encode(PartitionClaim(partition=p, epoch=owned.epoch, owner=self.settings.instance_id, timestamp_ms=now)))
         )
@@ -777,6 +781,12 @@ class Manager:
         assert state is not None
         out = owned.outbox
         key = state.saga_id.encode()
+        if decision.records and state.definition_id and state.definition_id not in owned.definitions:
+            # The saga's definition is not on this partition yet: its record goes first, in the same
+            # transaction, so it precedes every record pinning it (and a failed write drops both).
+            pinned = definition_record(state, now, self.settings.instance_id)
+            out.log.append((SagaDefinitionRecord.key(pinned.definition_id), self.codec.encode(pinned)))
+            owned.definitions.add(pinned.definition_id)
         for record in decision.records:
             out.log.append((key, self.codec.encode(record)))
         if self.metrics is not None:

@@ -202,6 +202,7 @@ class Chaos:
         self.plan: list[PlannedSaga] = []
         self.query_seconds: list[float] = []
         self.log_epochs: dict[str, int] = {}  # saga id -> highest epoch claimed on its log partition
+        self.unresolved_definitions: list[str] = []  # sagas whose definition record was not before them
         self.query_errors: list[str] = []
         self._t0 = 0.0
         self._stop = threading.Event()
@@ -494,17 +495,24 @@ class Chaos:
     def _read_log(self) -> tuple[dict[str, str], dict[str, list[tuple[str, str]]], dict[str, dict[str, list[str]]]]:
         """Each saga's newest status, its events in log order as (event type, step), and its
         steps' dependencies (from the pinned definition), read from the raw records. On the way,
-        the highest epoch claimed on the log of each saga's partition (``self.log_epochs``)."""
+        the highest epoch claimed on the log of each saga's partition (``self.log_epochs``), and
+        the sagas whose definition record was not on their partition before their first record
+        (``self.unresolved_definitions``)."""
+        from sagalog.fold import pinned_definition_of
         from sagalog.reader import scan
-        from sagalog.records import PartitionClaim, SagaLogRecord
+        from sagalog.records import PartitionClaim, SagaDefinitionRecord, SagaLogRecord
 
         latest: dict[str, tuple[int, str]] = {}
         events: dict[str, list[tuple[str, str]]] = {}
         dependencies: dict[str, dict[str, list[str]]] = {}
         partition_epoch: dict[int, int] = {}
         partition_of: dict[str, int] = {}
+        unresolved: list[str] = []
+        pinned_on: dict[int, set[str]] = {}  # partition -> ids of the definition records read so far
         for entry in scan(self.bootstrap, self.topics, timeout_s=120):
             item = entry.item
+            if isinstance(item, SagaDefinitionRecord):
+                pinned_on.setdefault(entry.partition, set()).add(item.definition_id)
             if isinstance(item, PartitionClaim | SagaLogRecord):
                 partition_epoch[entry.partition] = max(partition_epoch.get(entry.partition, 0), item.epoch)
             if not isinstance(item, SagaLogRecord):
@@ -515,13 +523,15 @@ class Chaos:
                 latest[item.saga_id] = (item.seq, str(item.snapshot.status.value))
             events.setdefault(item.saga_id, []).extend((type(e).__name__, getattr(e, "step", "")) for e in item.events)
             if item.saga_id not in dependencies:
-                steps = json.loads(item.snapshot.definition)["steps"]
-                deps: dict[str, list[str]] = {}
-                for i, step in enumerate(steps):
-                    declared = step.get("depends_on")
-                    deps[step["name"]] = list(declared) if declared is not None else ([steps[i - 1]["name"]] if i else [])
-                dependencies[item.saga_id] = deps
+                definition = pinned_definition_of(item.snapshot)
+                reference = item.snapshot.definition_id
+                if definition is None or (reference and reference not in pinned_on.get(entry.partition, ())):
+                    unresolved.append(f"{item.saga_id}: definition {item.snapshot.definition_id}")
+                    dependencies[item.saga_id] = {}
+                else:
+                    dependencies[item.saga_id] = {s.name: list(definition.dependencies(s.name)) for s in definition.steps}
         self.log_epochs = {sid: partition_epoch[p] for sid, p in partition_of.items()}
+        self.unresolved_definitions = unresolved
         return {k: v for k, (_, v) in latest.items()}, events, dependencies
 
     def _terminal_states(self) -> dict[str, str]:
@@ -613,6 +623,8 @@ class Chaos:
         _, events, dependencies = self._read_log()
         # The books hold every saga on the log (a start whose acknowledgement was lost may still have begun).
         report.invariants.extend(self._check_participants({p.saga_id: p for p in self.plan if p.saga_id in ids or p.saga_id in states}, states))
+        unresolved = self.unresolved_definitions
+        report.invariants.append(Invariant("every saga's pinned definition is on the log before it", not unresolved, len(unresolved), unresolved[:10]))
         disorder = self._compensation_order(events, dependencies)
         report.invariants.append(Invariant("compensations ran in reverse dependency order", not disorder, len(disorder), disorder[:10]))
         if self.poison:

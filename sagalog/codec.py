@@ -25,7 +25,15 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from sagalog import hotcodec
 from sagalog.errors import ConfigError, DecodeError, MalformedRecord, UnknownSchema
-from sagalog.records import AVRO_ENUMS, AVRO_MODELS, EVENT_TYPES, TOP_LEVEL, Frozen, SagaLogRecord
+from sagalog.records import (
+    AVRO_ENUMS,
+    AVRO_MODELS,
+    EVENT_TYPES,
+    TOP_LEVEL,
+    Frozen,
+    SagaDefinitionRecord,
+    SagaLogRecord,
+)
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -164,12 +172,15 @@ class Codec:
                 record = hot(data, HEADER_LEN)
                 if name == SagaLogRecord.AVRO_NAME:
                     _share_definition(record.snapshot.__dict__)  # type: ignore[attr-defined]
-                return record
-            return self._decode_older(data, name, writer)
+            else:
+                record = self._decode_older(data, name, writer)
         except DecodeError:
             raise
         except Exception as err:  # truncated (IndexError), invalid UTF-8, a corrupt union branch, ...
             raise MalformedRecord(f"corrupt {name}: {type(err).__name__}: {err}") from err
+        if name == SagaDefinitionRecord.AVRO_NAME:
+            _pin_definition(record)  # type: ignore[arg-type]
+        return record
 
     def decode_with_fastavro(self, data: bytes) -> Frozen:
         """The reference decoding the hot codec is checked against (tests), by fastavro."""
@@ -214,10 +225,24 @@ _DEFINITIONS: dict[str, str] = {}
 
 def _share_definition(snapshot: dict[str, Any]) -> None:
     definition = snapshot["definition"]
+    if not definition:  # pinned by reference (schema version 6 on): nothing to share
+        return
     shared = _DEFINITIONS.get(definition)
     if shared is None and len(_DEFINITIONS) < 10_000:
         _DEFINITIONS[definition] = shared = definition
     snapshot["definition"] = shared or definition
+
+
+def _pin_definition(record: SagaDefinitionRecord) -> None:
+    """Every reader of the log learns a definition record's definition as it decodes it, so that
+    the sagas pinning it resolve whichever way the log is read (folded, scanned, peeked). A record
+    whose id is not its content's hash is refused: an id must only ever name one definition."""
+    from sagalog.definition import pin  # only readers of the log get here (participants never)
+
+    try:
+        pin(record.definition, record.definition_id)
+    except ValueError as err:
+        raise MalformedRecord(f"corrupt {SagaDefinitionRecord.AVRO_NAME}: {err}") from err
 
 
 def _from_avro(model: type[Frozen], datum: dict[str, Any]) -> Frozen:

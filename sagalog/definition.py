@@ -2,7 +2,10 @@
 
 Definitions are loaded from YAML/JSON files (or built in Python) and validated by pydantic;
 an error names the file, line and field. A saga is pinned to the definition it began with:
-the definition's canonical JSON is stored in every snapshot on the log.
+by its id (:func:`definition_id`, a hash of the canonical JSON) in every snapshot on the log, the
+JSON itself once per log partition in a ``SagaDefinitionRecord`` (before schema version 6 the JSON
+was in every snapshot). :func:`pin` and :func:`pinned_definition` are the process's registry of the
+definitions read or begun so far, by id.
 """
 
 from __future__ import annotations
@@ -175,11 +178,70 @@ class SagaDefinition(BaseModel):
         """The pinned form written to the log: stable key order, no whitespace."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    @cached_property
+    def definition_id(self) -> str:
+        """What sagas pin: the hash of :attr:`canonical_json` (:func:`definition_id`)."""
+        return definition_id(self.canonical_json)
+
 
 @lru_cache(maxsize=1024)
 def definition_from_json(text: str) -> SagaDefinition:
     """Parse a pinned definition from a snapshot (cached: many sagas share one definition)."""
     return SagaDefinition.model_validate_json(text, context={"pinned": True})
+
+
+def definition_id(canonical_json: str) -> str:
+    """The id a definition is pinned by: a content hash of its canonical JSON (blake2b, 10 bytes,
+    hex). Equal definitions get equal ids everywhere, so an id means the same on every partition
+    and in every process, and a definition record can be checked against its own id."""
+    return hashlib.blake2b(canonical_json.encode(), digest_size=10).hexdigest()
+
+
+# --- the registry of pinned definitions, by id ------------------------------------------------
+#
+# Filled with every definition a saga begins with (sagalog.fold.begin) and every definition record
+# read from the log (the codec and the fold); asked by whoever needs a saga's definition. Shared
+# by every partition and thread of the process, which is safe because it is content-addressed: an
+# id can only ever name one JSON (pin checks it), so nothing here is ever replaced or wrong. It
+# holds what the process has read, a handful of definitions per saga type and version.
+
+_PINNED: dict[str, str] = {}  # definition id -> canonical JSON
+_MODELS: dict[str, SagaDefinition] = {}  # definition id -> parsed, on first use
+
+
+def pin(canonical_json: str, expected_id: str | None = None) -> str:
+    """Remember a definition by its id and return the id. ``expected_id`` (what a definition
+    record claims) must be the JSON's hash, else ``ValueError`` (hashing ~1 KB costs about a
+    microsecond, and definition records are rare: always checked)."""
+    actual = definition_id(canonical_json)
+    if expected_id is not None and actual != expected_id:
+        raise ValueError(f"definition id {expected_id!r} is not the hash of its definition ({actual})")
+    _PINNED.setdefault(actual, canonical_json)
+    return actual
+
+
+def pin_definition(definition: SagaDefinition) -> str:
+    """Remember a definition a saga begins with (cheap: its id is computed once per model)."""
+    key = definition.definition_id
+    if key not in _PINNED:
+        _PINNED[key] = definition.canonical_json
+    return key
+
+
+def pinned_json(definition_id: str) -> str | None:
+    """The canonical JSON pinned by this id, or None if this process has not seen it."""
+    return _PINNED.get(definition_id)
+
+
+def pinned_definition(definition_id: str) -> SagaDefinition | None:
+    """The definition pinned by this id, or None if this process has not seen it."""
+    model = _MODELS.get(definition_id)
+    if model is None:
+        text = _PINNED.get(definition_id)
+        if text is None:
+            return None
+        model = _MODELS[definition_id] = definition_from_json(text)
+    return model
 
 
 class DefinitionSet:

@@ -17,7 +17,8 @@
         ├── SequenceRepeat            seq <= the state's seq (a duplicate or an old copy)
         ├── SequenceGap               seq skips ahead (records missing in between)
         ├── StaleEpoch                written by an owner older than one already seen (a zombie)
-        └── IllegalTransition         the transition table has no row for (state, event)
+        ├── IllegalTransition         the transition table has no row for (state, event)
+        └── DefinitionMissing         the saga's definition is pinned by an id no definition record gave
 
 Each class says whether retrying the same operation can help (``retryable``).
 """
@@ -117,3 +118,20 @@ class StaleEpoch(FoldError):
 
 class IllegalTransition(FoldError):
     pass
+
+
+class DefinitionMissing(FoldError):
+    """A saga pins its definition by an id (``SagaSnapshot.definition_id``) whose definition record
+    this process has not read: it is missing from the log partition, which should never be (it is
+    written before the saga's first record and never removed). The saga cannot be run or shown."""
+
+    def __init__(self, definition_id: str, *, saga_id: str, seq: int, state_seq: int | None = None) -> None:
+        self.definition_id = definition_id
+        if definition_id:
+            why = (
+                f"its definition {definition_id} is unknown: no definition record (key __definition__/{definition_id}) "
+                f"was read before it; it is missing from the saga's log partition"
+            )
+        else:
+            why = "it pins no definition (neither inline JSON nor a definition id)"
+        super().__init__(why, saga_id=saga_id, seq=seq, state_seq=state_seq)

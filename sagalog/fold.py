@@ -24,9 +24,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagalog.definition import SagaDefinition, definition_from_json
+from sagalog.definition import (
+    SagaDefinition,
+    definition_from_json,
+    pin,
+    pin_definition,
+    pinned_definition,
+    pinned_json,
+)
 from sagalog.errors import (
     DecodeError,
+    DefinitionMissing,
     FoldError,
     IllegalTransition,
     SequenceGap,
@@ -36,6 +44,7 @@ from sagalog.errors import (
 )
 from sagalog.records import (
     CLAIM_KEY_PREFIX,
+    DEFINITION_KEY_PREFIX,
     CompensationBegun,
     CompensationEnded,
     Event,
@@ -48,6 +57,7 @@ from sagalog.records import (
     SagaAborted,
     SagaAborting,
     SagaBegun,
+    SagaDefinitionRecord,
     SagaEnded,
     SagaLogRecord,
     SagaSnapshot,
@@ -120,7 +130,21 @@ class SagaState(SagaSnapshot):
 
     @property
     def definition_model(self) -> SagaDefinition:
-        return definition_from_json(self.definition)
+        """The pinned definition: inline (a saga begun before schema version 6) or by reference.
+        Raises :class:`DefinitionMissing` if the reference is to a definition record this process
+        has not read (the fold rejects such records, so a folded state always resolves)."""
+        model = pinned_definition_of(self)
+        if model is None:
+            raise DefinitionMissing(self.definition_id, saga_id=self.saga_id, seq=self.seq, state_seq=self.seq)
+        return model
+
+    @property
+    def definition_json(self) -> str:
+        """The pinned definition's canonical JSON, inline or by reference (as :attr:`definition_model`)."""
+        text = self.definition or pinned_json(self.definition_id)
+        if text is None:
+            raise DefinitionMissing(self.definition_id, saga_id=self.saga_id, seq=self.seq, state_seq=self.seq)
+        return text
 
     def step(self, name: str) -> StepSnapshot:
         for s in self.steps:
@@ -164,13 +188,15 @@ def _pending_steps(definition: SagaDefinition) -> tuple[StepSnapshot, ...]:
 def begin(
     saga_id: str, definition: SagaDefinition, payload: str, now_ms: int, epoch: int
 ) -> tuple[SagaBegun, SagaState]:
-    """The first event of a saga and the state it creates (seq 1)."""
+    """The first event of a saga and the state it creates (seq 1). The saga pins its definition
+    by id (the writer puts the definition's record on the partition first: :func:`definition_record`)."""
     state = SagaState(
         saga_id=saga_id,
         seq=1,
         epoch=epoch,
         saga_type=definition.name,
-        definition=definition.canonical_json,
+        definition="",
+        definition_id=pin_definition(definition),
         payload=payload,
         status=S.RUNNING,
         steps=_pending_steps(definition),
@@ -178,6 +204,33 @@ def begin(
         updated_ms=now_ms,
     )
     return SagaBegun(saga_type=definition.name, definition_version=definition.version), state
+
+
+def definition_record(state: SagaState, now_ms: int, writer: str | None) -> SagaDefinitionRecord:
+    """The record that puts a saga's pinned definition on its log partition (key
+    :meth:`SagaDefinitionRecord.key` of its id), written before the saga's first record there."""
+    model = state.definition_model
+    return SagaDefinitionRecord(
+        definition_id=state.definition_id,
+        saga_type=model.name,
+        version=model.version,
+        definition=state.definition_json,
+        timestamp_ms=now_ms,
+        writer=writer,
+    )
+
+
+def pinned_definition_of(snapshot: SagaSnapshot) -> SagaDefinition | None:
+    """A snapshot's pinned definition, inline or by reference; None if this process has not read
+    the definition record it refers to."""
+    if snapshot.definition:
+        return definition_from_json(snapshot.definition)
+    return pinned_definition(snapshot.definition_id)
+
+
+def resolves(snapshot: SagaSnapshot) -> bool:
+    """Whether this process can give the snapshot's pinned definition (inline, or a known id)."""
+    return bool(snapshot.definition) or pinned_json(snapshot.definition_id) is not None
 
 
 def _step_key(event: Event) -> Any:
@@ -303,7 +356,9 @@ def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int 
     nothing seen of this saga yet). The record applies whole or not at all.
 
     A saga seen for the first time at seq > 1 is one whose earlier records were compacted away or
-    truncated: its snapshot is adopted as is (that is what the snapshot is for).
+    truncated: its snapshot is adopted as is (that is what the snapshot is for). A record whose
+    pinned definition does not resolve (a reference to a definition record not read) raises
+    :class:`DefinitionMissing`: nothing could run or show that saga.
     """
     first = record.first_seq
     if record.epoch < partition_epoch or (state is not None and record.epoch < state.epoch):
@@ -313,6 +368,10 @@ def evolve(state: SagaState | None, record: SagaLogRecord, partition_epoch: int 
             saga_id=record.saga_id,
             seq=record.seq,
             state_seq=state.seq if state else None,
+        )
+    if not resolves(record.snapshot):
+        raise DefinitionMissing(
+            record.snapshot.definition_id, saga_id=record.saga_id, seq=record.seq, state_seq=state.seq if state else None
         )
     if state is None:
         if first == 1 and not isinstance(record.events[0], SagaBegun):
@@ -351,11 +410,17 @@ class PartitionFold:
     Bad records never stop the fold: they are counted (and kept in ``rejected`` with the reason)
     and the state stays as it was. A record after a sequence gap carries a full snapshot, so the
     saga is re-based on it (a gap can only come from truncation); the gap is still counted.
+    Definition records are pinned in the process's registry (:func:`sagalog.definition.pin`) and
+    their ids kept in ``definitions``; a saga record whose definition does not resolve is rejected
+    (:class:`DefinitionMissing`).
     """
 
     partition: int = -1
     epoch: int = 0
     sagas: dict[str, SagaState] = field(default_factory=dict)
+    #: Ids of the definition records on this partition (a writer adds a definition's record only
+    #: if its id is not here).
+    definitions: set[str] = field(default_factory=set)
     applied: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (offset, reason), the first ones
     rejected_count: int = 0
@@ -368,16 +433,26 @@ class PartitionFold:
     #: The highest epoch of any record in ``finished`` (a takeover claims above every epoch seen).
     finished_epoch: int = 0
 
-    def apply(self, key: bytes | None, item: SagaLogRecord | PartitionClaim | DecodeError | None, offset: int) -> None:
+    def apply(
+        self,
+        key: bytes | None,
+        item: SagaLogRecord | PartitionClaim | SagaDefinitionRecord | DecodeError | None,
+        offset: int,
+    ) -> None:
         """Apply one decoded log message (``None``: a tombstone that removes a finished saga)."""
         if item is None:
-            if key is not None:
+            if key is not None and key.startswith(DEFINITION_KEY_PREFIX):
+                # Never written by a manager; should someone do it, the partition lacks the record.
+                self.definitions.discard(key[len(DEFINITION_KEY_PREFIX) :].decode("utf-8", "replace"))
+            elif key is not None:
                 self.sagas.pop(key.decode("utf-8", "replace"), None)
             return
         if isinstance(item, DecodeError):
             self._reject(offset, str(item))
         elif isinstance(item, PartitionClaim):
             self.epoch = max(self.epoch, item.epoch)
+        elif isinstance(item, SagaDefinitionRecord):
+            self._pin(item, offset)
         else:
             current = self.sagas.get(item.saga_id)
             try:
@@ -389,6 +464,14 @@ class PartitionFold:
                 self._reject(offset, str(gap))
             except FoldError as err:
                 self._reject(offset, str(err))
+
+    def _pin(self, record: SagaDefinitionRecord, offset: int) -> None:
+        try:
+            pin(record.definition, record.definition_id)
+        except ValueError as err:  # the codec refuses these too; a record built in memory may not be
+            self._reject(offset, f"definition record: {err}")
+            return
+        self.definitions.add(record.definition_id)
 
     def _reject(self, offset: int, reason: str) -> None:
         self.rejected_count += 1
@@ -412,7 +495,9 @@ def fold_newest(
     replaying it gives the same state as the whole history: a property test checks it). Only one
     record per saga is decoded instead of all of them. A newest record that does not decode, or
     was written at an epoch older than a claim before it (a zombie's), is rejected and the next
-    older one is tried, as the full fold would.
+    older one is tried, as the full fold would. Definition records are decoded first (one per
+    definition: the newest of its key); a saga whose definition still does not resolve is
+    rejected (:class:`DefinitionMissing`) and not resumed: its older records pin the same one.
 
     With ``peek`` (:meth:`sagalog.peek.LogPeek.peek`), a saga whose newest record ends it is not
     decoded at all: it goes to ``finished`` with the record's timestamp. On a busy partition most
@@ -421,6 +506,7 @@ def fold_newest(
     fold = PartitionFold(partition=partition)
     claims: list[tuple[int, int]] = []  # (offset, epoch), in log order
     by_key: dict[bytes | None, list[int]] = {}
+    definitions: dict[bytes, int] = {}  # definition key -> index of its newest message
     for index, (key, value, offset) in enumerate(messages):
         if key is not None and key.startswith(CLAIM_KEY_PREFIX) and value is not None:
             try:
@@ -432,7 +518,24 @@ def fold_newest(
                 claims.append((offset, claim.epoch))
                 fold.epoch = max(fold.epoch, claim.epoch)
             continue
+        if key is not None and key.startswith(DEFINITION_KEY_PREFIX):
+            definitions[key] = index
+            continue
         by_key.setdefault(key, []).append(index)
+
+    for index in definitions.values():
+        _, value, offset = messages[index]
+        if value is None:
+            continue  # tombstoned (a manager never does it): not on the partition any more
+        try:
+            item = decode(value)
+        except DecodeError as err:
+            fold._reject(offset, str(err))
+            continue
+        if isinstance(item, SagaDefinitionRecord):
+            fold._pin(item, offset)
+        else:
+            fold._reject(offset, f"{type(item).__name__} under a definition key")
 
     def epoch_before(offset: int) -> int:
         return max((epoch for at, epoch in claims if at < offset), default=0)
@@ -462,6 +565,9 @@ def fold_newest(
             if record.epoch < epoch_before(offset):
                 fold._reject(offset, f"saga {record.saga_id}: written at epoch {record.epoch} after a newer claim (a zombie's write)")
                 continue
+            if not resolves(record.snapshot):
+                fold._reject(offset, str(DefinitionMissing(record.snapshot.definition_id, saga_id=record.saga_id, seq=record.seq)))
+                break
             fold.sagas[record.saga_id] = SagaState.from_record(record)
             fold.applied += 1
             break

@@ -36,7 +36,9 @@ Tables (all rebuildable from the log at any time; delete the file to start over)
                 reason, incidents (JSON list of the open incidents, '[]' if none: what
                 ``saga list --incidents`` selects, through a partial index), definition_id,
                 snapshot (JSON of the saga state, without the definition)
-    definitions id (hash), json: pinned definitions, stored once however many sagas share one
+    definitions id (:func:`sagalog.definition.definition_id`), json: pinned definitions, stored
+                once however many sagas share one: from the log's definition records, and from
+                the inline JSON of sagas begun before schema version 6
     history     partition, offset, saga_id, seq, epoch, timestamp_ms, event_type, event (JSON),
                 writer, rejected (why the fold refused it, or NULL)
     removed     saga_id, partition, offset, removed_ms: sagas a tombstone deleted from the log
@@ -262,11 +264,13 @@ class SagaView:
     #: ``SagaState.model_dump(mode="json")`` without ``definition``: saga_id, seq, epoch, status,
     #: steps (name, status, attempt, comp_attempt, deadline_ms, output, error...), incidents...
     snapshot: dict[str, Any]
-    #: The pinned definition's canonical JSON.
+    #: The pinned definition's canonical JSON (resolved: inline or by reference alike).
     definition_json: str
     partition: int
     claim: Claim | None
     history: tuple[HistoryEntry, ...]
+    #: The pinned definition's id (its content hash), also for a saga that pinned it inline.
+    definition_id: str = ""
 
     @cached_property
     def state(self) -> SagaState:
@@ -407,10 +411,6 @@ def model_path(state_dir: Path, bootstrap: str, prefix: str) -> Path:
     digest = hashlib.sha256(f"{bootstrap}\0{prefix}".encode()).hexdigest()[:12]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix)[:40]
     return state_dir / f"readmodel-{readable}-{digest}.sqlite"
-
-
-def _definition_id(canonical_json: str) -> str:
-    return hashlib.blake2b(canonical_json.encode(), digest_size=10).hexdigest()
 
 
 # --- the read model ---------------------------------------------------------------------------
@@ -717,7 +717,7 @@ class ReadModel:
 
     def _fold_partition(self, p: int, msgs: list[Message], stats: CatchUpStats) -> None:
         from sagalog.fold import PartitionFold
-        from sagalog.records import CLAIM_KEY_PREFIX, PartitionClaim, SagaLogRecord
+        from sagalog.records import PartitionClaim, SagaDefinitionRecord, SagaLogRecord, is_saga_key
 
         db = self.db
         row = db.execute("SELECT epoch FROM partitions WHERE partition = ?", (p,)).fetchone()
@@ -730,7 +730,10 @@ class ReadModel:
             except DecodeError as bad:
                 item = bad.at(self.topics.log, p, where(msg)[2])
             decoded.append((msg, item))
-        self._load_states(fold, {i.saga_id for _, i in decoded if isinstance(i, SagaLogRecord)})
+        saga_records = [i for _, i in decoded if isinstance(i, SagaLogRecord)]
+        # Definitions read by an earlier catch-up (maybe another process) are in the file only.
+        self._load_definitions({r.snapshot.definition_id for r in saga_records if r.snapshot.definition_id})
+        self._load_states(fold, {r.saga_id for r in saga_records})
         touched: set[str] = set()
         records = decode_errors = rejected = 0
         claim: PartitionClaim | None = None
@@ -739,7 +742,7 @@ class ReadModel:
             offset, ts = where(msg)[2], msg.timestamp()[1]
             records += 1
             if item is None:  # a tombstone: the saga is gone from the log, so it goes from here too
-                if key is not None and not key.startswith(CLAIM_KEY_PREFIX):
+                if is_saga_key(key):
                     saga_id = key.decode("utf-8", "replace")
                     fold.apply(key, None, offset)
                     touched.discard(saga_id)
@@ -750,9 +753,18 @@ class ReadModel:
                         (saga_id, p, offset, ts),
                     )
                 continue
+            if isinstance(item, SagaDefinitionRecord):
+                fold.apply(key, item, offset)
+                if item.definition_id in fold.definitions:  # accepted: its id is its content's hash
+                    db.execute(
+                        "INSERT OR IGNORE INTO definitions (id, json) VALUES (?, ?)", (item.definition_id, item.definition)
+                    )
+                else:
+                    rejected += 1
+                continue
             if isinstance(item, DecodeError) or not isinstance(item, SagaLogRecord | PartitionClaim):
                 decode_errors += 1
-                if key is not None and not key.startswith(CLAIM_KEY_PREFIX):
+                if is_saga_key(key):
                     reason = str(item) if isinstance(item, DecodeError) else f"{type(item).__name__} on the log"
                     db.execute(
                         "INSERT OR REPLACE INTO history (partition, offset, saga_id, timestamp_ms, event_type, "
@@ -826,10 +838,27 @@ class ReadModel:
                 state = _state_from_row(snapshot, definition)
                 fold.sagas[state.saga_id] = state
 
+    def _load_definitions(self, ids: set[str]) -> None:
+        """Pin (:func:`sagalog.definition.pin`) the definitions of these ids that the file holds
+        and this process has not read yet."""
+        from sagalog.definition import pin, pinned_json
+
+        wanted = [i for i in ids if pinned_json(i) is None]
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            for definition_id, text in self.db.execute(
+                f"SELECT id, json FROM definitions WHERE id IN ({','.join('?' * len(chunk))})",  # noqa: S608
+                chunk,
+            ):
+                pin(text, definition_id)
+
     def _store_state(self, p: int, state: SagaState) -> None:
-        definition_id = _definition_id(state.definition)
+        from sagalog.definition import definition_id as hashed
+
+        # A saga begun before schema version 6 carries its definition inline: stored once all the same.
+        definition_id = state.definition_id or hashed(state.definition)
         self.db.execute(
-            "INSERT OR IGNORE INTO definitions (id, json) VALUES (?, ?)", (definition_id, state.definition)
+            "INSERT OR IGNORE INTO definitions (id, json) VALUES (?, ?)", (definition_id, state.definition_json)
         )
         snapshot = state.model_dump(mode="json", exclude={"definition"})
         self.db.execute(
@@ -859,13 +888,14 @@ class ReadModel:
         row = self._saga_row(saga_id, catch_up)
         return None if row is None else _state_from_row(row[0], row[1])
 
-    def _saga_row(self, saga_id: str, catch_up: bool) -> tuple[str, str, int] | None:
-        """The saga's stored snapshot, pinned definition and partition, or None if there is none."""
+    def _saga_row(self, saga_id: str, catch_up: bool) -> tuple[str, str, int, str] | None:
+        """The saga's stored snapshot, pinned definition, partition and definition id, or None if
+        there is none."""
         if catch_up:
             self.catch_up([self.partition_of(saga_id)])
-        row: tuple[str, str, int] | None = self.db.execute(
-            "SELECT s.snapshot, d.json, s.partition FROM sagas s JOIN definitions d ON d.id = s.definition_id "
-            "WHERE s.id = ?",
+        row: tuple[str, str, int, str] | None = self.db.execute(
+            "SELECT s.snapshot, d.json, s.partition, s.definition_id FROM sagas s "
+            "JOIN definitions d ON d.id = s.definition_id WHERE s.id = ?",
             (saga_id,),
         ).fetchone()
         return row
@@ -897,13 +927,14 @@ class ReadModel:
         row = self._saga_row(saga_id, catch_up)
         if row is None:
             raise self._not_found(saga_id)
-        snapshot, definition, partition = row
+        snapshot, definition, partition, definition_id = row
         return SagaView(
             snapshot=json.loads(snapshot),
             definition_json=definition,
             partition=partition,
             claim=self.claims().get(partition),
             history=tuple(self.history(saga_id, catch_up=False)),
+            definition_id=definition_id,
         )
 
     def history(self, saga_id: str, *, catch_up: bool = True) -> list[HistoryEntry]:
@@ -1074,6 +1105,14 @@ def _state_from_row(snapshot: str, definition: str) -> SagaState:
 
 
 def _state_from_data(snapshot: Mapping[str, Any], definition: str) -> SagaState:
+    """The state as the fold gave it: a saga that pins its definition by reference gets it pinned
+    in this process (the file stores it once, by id), one that pinned it inline gets it back inline."""
+    from sagalog.definition import pin, pinned_json
     from sagalog.fold import SagaState
 
+    definition_id = snapshot.get("definition_id") or ""  # absent in rows stored before schema version 6
+    if definition_id:
+        if pinned_json(definition_id) is None:
+            pin(definition, definition_id)
+        return SagaState.model_validate({**snapshot, "definition": ""})
     return SagaState.model_validate({**snapshot, "definition": definition})

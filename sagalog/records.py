@@ -9,7 +9,7 @@ number and the writer's epoch.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Self, TypeGuard, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -259,7 +259,13 @@ class Incident(Frozen):
 class SagaSnapshot(Frozen):
     AVRO_NAME: ClassVar[str] = "sagalog.SagaSnapshot"
     saga_type: str
+    #: The pinned definition's canonical JSON, inline: how records before schema version 6 pin it
+    #: (and later records of a saga that began before). Empty when ``definition_id`` names it.
     definition: str
+    #: The pinned definition by reference (schema version 6): the id (content hash) of a
+    #: :class:`SagaDefinitionRecord` on the saga's log partition. Empty: ``definition`` is inline.
+    #: :meth:`sagalog.fold.SagaState.definition_model` resolves either.
+    definition_id: str = ""
     payload: str
     status: SagaStatus
     steps: tuple[StepSnapshot, ...]
@@ -324,6 +330,32 @@ class PartitionClaim(Frozen):
     @staticmethod
     def key(partition: int) -> bytes:
         return CLAIM_KEY_PREFIX + str(partition).encode()
+
+
+#: Log keys of definition records start with this; a saga id never does (they share the partitions).
+DEFINITION_KEY_PREFIX = b"__definition__/"
+
+
+class SagaDefinitionRecord(Frozen):
+    """One version of a saga definition, stored once per log partition (never tombstoned) and
+    pinned by sagas through its ``definition_id``, the hash of ``definition`` (canonical JSON)."""
+
+    AVRO_NAME: ClassVar[str] = "sagalog.SagaDefinitionRecord"
+    definition_id: str
+    saga_type: str
+    version: Int32
+    definition: str
+    timestamp_ms: Int64
+    writer: str | None = None
+
+    @staticmethod
+    def key(definition_id: str) -> bytes:
+        return DEFINITION_KEY_PREFIX + definition_id.encode()
+
+
+def is_saga_key(key: bytes | None) -> TypeGuard[bytes]:
+    """Whether a log key names a saga (not a partition claim nor a definition record)."""
+    return key is not None and not key.startswith((CLAIM_KEY_PREFIX, DEFINITION_KEY_PREFIX))
 
 
 class StartSaga(Frozen):
@@ -407,6 +439,7 @@ class DeadLetter(Frozen):
 TOP_LEVEL: tuple[type[Frozen], ...] = (
     SagaLogRecord,
     PartitionClaim,
+    SagaDefinitionRecord,
     StartSaga,
     CancelSaga,
     OperatorAction,

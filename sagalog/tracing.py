@@ -240,12 +240,12 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        from sagalog.definition import definition_from_json
+        from sagalog.fold import pinned_definition_of
 
         # Bound once: the manager builds spans per decision, and imports in a function cost.
         self._api = api
         self._readable_span = ReadableSpan
-        self._definition = definition_from_json
+        self._definition = pinned_definition_of
         self._sampled = api.TraceFlags(api.TraceFlags.SAMPLED)
         self._ok = api.Status(api.StatusCode.OK)
         self._unset = api.Status(api.StatusCode.UNSET)
@@ -423,7 +423,8 @@ class Tracing:
             "saga.attempt": attempt,
             "saga.outcome": outcome,
         }
-        spec = self._definition(snapshot.definition).by_name.get(step.name)
+        definition = self._definition(snapshot)  # known: the manager replayed or began the saga
+        spec = definition.by_name.get(step.name) if definition is not None else None
         if spec is not None:
             attributes["saga.participant"] = spec.participant
         links = []

@@ -19,12 +19,15 @@ Two families:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hypothesis import strategies as st
 
-from sagalog.definition import RetryPolicy, SagaDefinition, StepDefinition
-from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin
+from sagalog import definition as registry
+from sagalog.definition import RetryPolicy, SagaDefinition, StepDefinition, definition_id
+from sagalog.fold import NEEDS_COMPENSATION, SagaState, apply, begin, definition_record
 from sagalog.records import (
     EVENT_TYPES,
     TOP_LEVEL,
@@ -47,6 +50,7 @@ from sagalog.records import (
     SagaAborted,
     SagaAborting,
     SagaBegun,
+    SagaDefinitionRecord,
     SagaEnded,
     SagaLogRecord,
     SagaSnapshot,
@@ -134,6 +138,7 @@ saga_snapshots = st.builds(
     SagaSnapshot,
     saga_type=TEXT,
     definition=TEXT,
+    definition_id=TEXT,
     payload=TEXT,
     status=st.sampled_from(SagaStatus),
     steps=st.lists(step_snapshots, max_size=5).map(tuple),
@@ -158,6 +163,15 @@ RECORDS: dict[type, st.SearchStrategy[Any]] = {
         events_before=st.lists(events(), max_size=3).map(tuple),
     ),
     PartitionClaim: st.builds(PartitionClaim, partition=INT32, epoch=INT64, owner=TEXT, timestamp_ms=INT64),
+    # Any text as the definition, but always under its own hash: the codec refuses any other id.
+    SagaDefinitionRecord: st.builds(
+        lambda text, **fields: SagaDefinitionRecord(definition_id=definition_id(text), definition=text, **fields),
+        st.one_of(TEXT, st.deferred(lambda: saga_definitions()).map(lambda d: d.canonical_json)),
+        saga_type=TEXT,
+        version=INT32,
+        timestamp_ms=INT64,
+        writer=OPT_TEXT,
+    ),
     StartSaga: st.builds(StartSaga, saga_id=TEXT, saga_type=TEXT, payload=TEXT, requested_ms=INT64),
     CancelSaga: st.builds(CancelSaga, saga_id=TEXT, reason=TEXT, requested_ms=INT64),
     OperatorAction: st.builds(
@@ -459,7 +473,7 @@ def saga_histories(
 # --- a partition of the log ------------------------------------------------------------------
 
 #: One message of a log partition: (key, value); value None is a tombstone.
-Message = tuple[bytes, SagaLogRecord | PartitionClaim | None]
+Message = tuple[bytes, SagaLogRecord | PartitionClaim | SagaDefinitionRecord | None]
 
 
 @st.composite
@@ -468,10 +482,11 @@ def partition_logs(draw: st.DrawFn, max_sagas: int = 4, partition: int = 0) -> l
 
     Ownership changes at random points: a ``PartitionClaim`` with the next epoch, after which
     every record carries that epoch (the records' epochs are rewritten to the partition's; the
-    epoch is not part of the snapshot). Finished sagas are sometimes tombstoned later on.
+    epoch is not part of the snapshot). Finished sagas are sometimes tombstoned later on. As a
+    manager does, the definition record a saga pins goes first, unless the partition has it.
     """
     n = draw(st.integers(1, max_sagas))
-    saga_ids = IDS.filter(lambda i: not i.startswith("__claim__/"))  # claim keys share the partition
+    saga_ids = IDS.filter(lambda i: not i.startswith(("__claim__/", "__definition__/")))  # they share the partition
     ids = draw(st.lists(saga_ids, min_size=n, max_size=n, unique=True))
     histories = [list(draw(saga_histories(saga_id=i))) for i in ids]
     pending = [h for h in histories if h]
@@ -485,6 +500,7 @@ def partition_logs(draw: st.DrawFn, max_sagas: int = 4, partition: int = 0) -> l
             )
         )
     tombstones: list[bytes] = []
+    definitions: set[str] = set()  # on the partition so far
     while pending or tombstones:
         roll = draw(st.integers(0, 19))
         if roll == 19:
@@ -496,9 +512,33 @@ def partition_logs(draw: st.DrawFn, max_sagas: int = 4, partition: int = 0) -> l
         elif pending:
             history = draw(st.sampled_from(pending))
             record = history.pop(0).model_copy(update={"epoch": epoch})
+            pinned = record.snapshot.definition_id
+            if pinned and pinned not in definitions:
+                definitions.add(pinned)
+                out.append((SagaDefinitionRecord.key(pinned), definition_record(SagaState.from_record(record), 0, f"m{epoch}")))
             out.append((record.saga_id.encode(), record))
             if not history:
                 pending.remove(history)
                 if draw(st.booleans()):
                     tombstones.append(record.saga_id.encode())
     return out
+
+
+# --- the process's registry of pinned definitions --------------------------------------------
+
+
+@contextmanager
+def a_fresh_process() -> Iterator[None]:
+    """The registry of pinned definitions (:func:`sagalog.definition.pin`) as a process has it that
+    has read no definition record and begun no saga: it is process-wide, and the histories above
+    filled it. Restored afterwards."""
+    saved = dict(registry._PINNED), dict(registry._MODELS)
+    registry._PINNED.clear()
+    registry._MODELS.clear()
+    try:
+        yield
+    finally:
+        registry._PINNED.clear()
+        registry._MODELS.clear()
+        registry._PINNED.update(saved[0])
+        registry._MODELS.update(saved[1])

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from strategies import EVENTS, RECORDS, records, saga_histories
 
 from sagalog.codec import HEADER_LEN, MAGIC, Codec, schema_fingerprint, schemas_dir
-from sagalog.definition import SagaDefinition, StepDefinition
+from sagalog.definition import SagaDefinition, StepDefinition, pinned_json
 from sagalog.errors import ConfigError, DecodeError, MalformedRecord, UnknownSchema
-from sagalog.fold import begin
+from sagalog.fold import begin, replay
 from sagalog.records import (
     EVENT_TYPES,
     TOP_LEVEL,
@@ -31,6 +31,7 @@ from sagalog.records import (
     IncidentResolved,
     IncidentRetried,
     ParticipantCommand,
+    SagaDefinitionRecord,
     SagaLogRecord,
     StartSaga,
 )
@@ -40,6 +41,7 @@ V1_PATH = SCHEMAS / "history" / "saga_log_record.v1.avsc"
 V2_PATH = SCHEMAS / "history" / "saga_log_record.v2.avsc"
 V3_PATH = SCHEMAS / "history" / "saga_log_record.v3.avsc"
 V4_PATH = SCHEMAS / "history" / "saga_log_record.v4.avsc"
+V5_PATH = SCHEMAS / "history" / "saga_log_record.v5.avsc"
 
 #: CRC-64-AVRO fingerprints (little-endian, as on the wire) of the current schemas. A change
 #: here is a change of the wire contract: keep the old .avsc in schemas/history/, add its
@@ -51,7 +53,8 @@ CURRENT_FINGERPRINTS = {
     "sagalog.ParticipantCommand": "da661df0938322d4",
     "sagalog.ParticipantReply": "047a0322f549234e",
     "sagalog.PartitionClaim": "08de3b78be047fe9",
-    "sagalog.SagaLogRecord": "bfb0c7b1aa30b2c1",
+    "sagalog.SagaDefinitionRecord": "b59fbb381bf201c6",
+    "sagalog.SagaLogRecord": "98c7874693f636f8",
     "sagalog.StartSaga": "7b88424c4fbf8099",
 }
 #: Fingerprints of superseded versions: bytes written with them are on logs out there and
@@ -62,6 +65,7 @@ PREVIOUS_FINGERPRINTS = {
         "62e5c87f8dfdb370",  # v2, before incidents (their events, `incidents`, `comp_budget_from`)
         "3fb3c3f121266f8c",  # v3, before the snapshot's `trace_parent`
         "b38785ccd7bdae59",  # v4, before `events_before` (one event per record)
+        "bfb0c7b1aa30b2c1",  # v5, before the snapshot's `definition_id` (the definition inline)
     ],
 }
 
@@ -102,16 +106,21 @@ INCIDENT_EVENTS = (IncidentOpened, IncidentRetried, IncidentResolved)
 def _old_bytes(record: SagaLogRecord, path: Path) -> bytes:
     """What a manager on an older schema wrote: its fingerprint and a body without what that
     version did not have (v1: `writer`; v1 and v2: incidents, `comp_budget_from`; v1 to v3:
-    the snapshot's `trace_parent`; v1 to v4: `events_before`)."""
+    the snapshot's `trace_parent`; v1 to v4: `events_before`; v1 to v5: the snapshot's
+    `definition_id`, so ``record`` must pin its definition inline: :func:`_inline`)."""
     raw = json.loads(path.read_text())
     schema = fastavro.parse_schema(raw, _force=True)
     datum = record.model_dump()
-    del datum["events_before"]
+    assert datum["snapshot"].pop("definition_id") == "", "before version 6 a definition is inline"
+    if path != V5_PATH:
+        del datum["events_before"]
+    else:
+        datum["events_before"] = [(e.AVRO_NAME, d) for e, d in zip(record.events_before, datum["events_before"], strict=True)]
     if path == V1_PATH:
         del datum["writer"]
-    if path != V4_PATH:
+    if path not in (V4_PATH, V5_PATH):
         del datum["snapshot"]["trace_parent"]
-    if path not in (V3_PATH, V4_PATH):
+    if path not in (V3_PATH, V4_PATH, V5_PATH):
         del datum["snapshot"]["incidents"]
         for step in datum["snapshot"]["steps"]:
             del step["comp_budget_from"]
@@ -120,6 +129,13 @@ def _old_bytes(record: SagaLogRecord, path: Path) -> bytes:
     out.write(MAGIC + schema_fingerprint(raw))
     fastavro.schemaless_writer(out, schema, datum)
     return out.getvalue()
+
+
+def _inline(record: SagaLogRecord) -> SagaLogRecord:
+    """The record as a writer before version 6 wrote it: the definition's JSON in the snapshot."""
+    snapshot = record.snapshot
+    text = snapshot.definition or pinned_json(snapshot.definition_id) or ""
+    return record.model_copy(update={"snapshot": snapshot.model_copy(update={"definition": text, "definition_id": ""})})
 
 
 def _v1_bytes(record: SagaLogRecord) -> bytes:
@@ -221,7 +237,7 @@ def test_round_trip_legal_histories(codec: Codec, history: list[SagaLogRecord]) 
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v2_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
     assume(not isinstance(record.event, INCIDENT_EVENTS))
-    old = _single(_before_incidents(record))
+    old = _single(_before_incidents(_inline(record)))
     data = _old_bytes(old, V2_PATH)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][1]
     decoded = codec.decode(data)
@@ -233,7 +249,7 @@ def test_v2_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
     assume(not isinstance(record.event, INCIDENT_EVENTS))
-    old = _single(_before_incidents(record)).model_copy(update={"writer": None})
+    old = _single(_before_incidents(_inline(record))).model_copy(update={"writer": None})
     data = _v1_bytes(old)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][0]
     decoded = codec.decode(data)
@@ -244,6 +260,7 @@ def test_v1_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
 @settings(max_examples=80, deadline=None)
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v3_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
+    record = _inline(record)
     old = _single(record).model_copy(update={"snapshot": record.snapshot.model_copy(update={"trace_parent": None})})
     data = _old_bytes(old, V3_PATH)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][2]
@@ -256,12 +273,50 @@ def test_v3_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRe
 @given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
 def test_v4_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
     """Before version 5 a record held one event: it reads as a record of that one event."""
-    old = _single(record)
+    old = _single(_inline(record))
     data = _old_bytes(old, V4_PATH)
     assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][3]
     decoded = codec.decode(data)
     assert decoded.events_before == () and decoded.events == (record.event,) and decoded.first_seq == decoded.seq
     assert decoded == old
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.one_of(RECORDS[SagaLogRecord], saga_histories().flatmap(st.sampled_from)))
+def test_v5_bytes_decode_with_the_current_reader(codec: Codec, record: SagaLogRecord) -> None:
+    """Before version 6 the snapshot held the definition's JSON: it reads as an inline definition."""
+    old = _inline(record)
+    data = _old_bytes(old, V5_PATH)
+    assert data[2:HEADER_LEN].hex() == PREVIOUS_FINGERPRINTS["sagalog.SagaLogRecord"][4]
+    decoded = codec.decode(data)
+    assert decoded.snapshot.definition_id == "" and decoded.snapshot.definition == old.snapshot.definition
+    assert decoded == old
+
+
+@settings(max_examples=40, deadline=None)
+@given(saga_histories())
+def test_a_v5_history_folds_to_the_state_of_the_same_history_by_reference(codec: Codec, history: list[SagaLogRecord]) -> None:
+    """A saga written before version 6 (inline) and the same saga written now (by reference) fold
+    to the same state but for how it pins its definition, and both resolve the same definition."""
+    by_reference = replay(history)
+    inline = replay([codec.decode(_old_bytes(_inline(r), V5_PATH)) for r in history])
+    assert by_reference is not None and inline is not None
+    assert by_reference.definition == "" and by_reference.definition_id
+    assert inline.definition == by_reference.definition_json and inline.definition_id == ""
+    assert inline.definition_model == by_reference.definition_model
+    assert inline.model_copy(update={"definition": "", "definition_id": by_reference.definition_id}) == by_reference
+
+
+def test_a_definition_record_whose_id_is_not_its_hash_is_malformed(codec: Codec) -> None:
+    definition = SagaDefinition(name="order", steps=(StepDefinition(name="pay", participant="payments"),))
+    good = SagaDefinitionRecord(
+        definition_id=definition.definition_id, saga_type="order", version=1, definition=definition.canonical_json, timestamp_ms=1
+    )
+    assert codec.decode(codec.encode(good)) == good
+    forged = good.model_copy(update={"definition": definition.canonical_json.replace("payments", "thieves")})
+    with pytest.raises(MalformedRecord, match="not the hash of its definition"):
+        codec.decode(codec.encode(forged))
+    assert pinned_json(definition.definition_id) == definition.canonical_json  # the forgery changed nothing
 
 
 def _single(record: SagaLogRecord) -> SagaLogRecord:
@@ -280,8 +335,8 @@ def test_old_versions_need_the_history_directory(tmp_path: Path) -> None:
     """Decoding old bytes works because of schemas/history/, not by accident."""
     for p in SCHEMAS.glob("*.avsc"):
         shutil.copy(p, tmp_path / p.name)
-    record = _sample_log_record()
-    for path in (V1_PATH, V2_PATH, V3_PATH, V4_PATH):
+    record = _inline(_sample_log_record())
+    for path in (V1_PATH, V2_PATH, V3_PATH, V4_PATH, V5_PATH):
         data = _old_bytes(record, path)
         with pytest.raises(UnknownSchema):
             Codec(tmp_path).decode(data)

@@ -318,7 +318,10 @@ def test_start_appends_saga_begun_and_begins_the_first_step_with_its_command() -
     assert d.ignored is None
     assert run.state is not None
     assert run.state.status is S.RUNNING
-    assert run.state.definition == SEQ.canonical_json  # pinned
+    # Pinned by reference: the id of the definition's canonical JSON, which resolves to it.
+    assert (run.state.definition, run.state.definition_id) == ("", SEQ.definition_id)
+    assert run.state.definition_json == SEQ.canonical_json
+    assert d.records[0].snapshot.definition_id == SEQ.definition_id and d.records[0].snapshot.definition == ""
     assert [s.status for s in run.state.steps] == [T.RUNNING, T.PENDING, T.PENDING]
     [(participant, command)] = d.commands
     assert participant == "inventory"
@@ -414,6 +417,10 @@ def test_the_inbox_rules_reject_what_cannot_be_decided_and_ignore_what_is_late()
     assert wrong_place.reject and "does not belong on the inbox" in (wrong_place.ignored or "")
     cancelled = on_inbox(begun.state, False, cancel, defs, ctx(T0 + 1))
     assert cancelled.state is not None and cancelled.state.status is SagaStatus.COMPENSATING
+    for reserved in ("__definition__/" + SEQ.definition_id, "__claim__/0"):  # keys the log keeps for itself
+        squatter = StartSaga(saga_id=reserved, saga_type="order", payload="{}", requested_ms=T0)
+        refused = on_inbox(None, False, squatter, defs, ctx())
+        assert refused.reject and refused.records == [] and "prefix the saga log reserves" in (refused.ignored or "")
 
 
 # --- success -------------------------------------------------------------------------------------

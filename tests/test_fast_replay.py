@@ -28,6 +28,7 @@ def test_newest_record_replay_equals_the_full_fold(messages) -> None:
     fast = fold_newest(encoded(messages), CODEC.decode, 0)
     assert fast.sagas == full.sagas
     assert fast.epoch == full.epoch
+    assert fast.definitions == full.definitions  # what a new owner need not write again
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

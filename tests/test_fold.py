@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import Message, partition_logs, saga_histories
+from strategies import Message, a_fresh_process, partition_logs, saga_histories
 
-from sagalog.definition import SagaDefinition, StepDefinition, definition_from_json
+from sagalog import definition as registry
+from sagalog.codec import Codec
+from sagalog.definition import SagaDefinition, StepDefinition
 from sagalog.errors import (
+    DefinitionMissing,
     FoldError,
     IllegalTransition,
     MalformedRecord,
@@ -31,7 +34,9 @@ from sagalog.fold import (
     SagaState,
     apply,
     begin,
+    definition_record,
     evolve,
+    fold_newest,
     replay,
 )
 from sagalog.records import (
@@ -47,6 +52,7 @@ from sagalog.records import (
     SagaAborted,
     SagaAborting,
     SagaBegun,
+    SagaDefinitionRecord,
     SagaEnded,
     SagaLogRecord,
     SagaStatus,
@@ -471,7 +477,7 @@ def test_operator_action_refusal_says_why() -> None:
 
 
 def _check_consistent(history: list[SagaLogRecord], state: SagaState) -> None:
-    definition = definition_from_json(state.definition)
+    definition = state.definition_model
     events = [e for r in history for e in r.events]
     assert state.seq == len(events) == history[-1].seq
     # Events are numbered 1, 2, 3, ... across records; a record covers first_seq .. seq.
@@ -844,3 +850,93 @@ def test_a_first_record_that_does_not_begin_the_saga_is_refused_whatever_it_hold
     headless = _decision(state, begun_a, ended).model_copy(update={"seq": 2})  # events 1..2, no SagaBegun
     with pytest.raises(IllegalTransition, match="StepBegun as the first event"):
         evolve(None, headless)
+
+
+# --- definitions by reference ------------------------------------------------------------------
+
+CODEC = Codec()
+
+
+def _encoded(messages: list[Message]) -> list[tuple[bytes, bytes | None, int]]:
+    return [(k, None if v is None else CODEC.encode(v), offset) for offset, (k, v) in enumerate(messages)]
+
+
+@PARTITIONS
+@given(partition_logs())
+def test_a_fresh_reader_resolves_every_reference_from_the_partitions_definition_records(messages: list[Message]) -> None:
+    expected = fold(messages)
+    assert expected.rejected == []
+    on_partition = {v.definition_id for _, v in messages if isinstance(v, SagaDefinitionRecord)}
+    # Each definition once, before the first record pinning it.
+    assert sorted(on_partition) == sorted(v.definition_id for _, v in messages if isinstance(v, SagaDefinitionRecord))
+    assert all(s.definition == "" and s.definition_id in on_partition for s in expected.sagas.values())
+    raw = _encoded(messages)
+    with a_fresh_process():
+        assert all(registry.pinned_json(i) is None for i in on_partition)
+        full = fold(messages)
+        assert full.sagas == expected.sagas and full.rejected == [] and full.definitions == on_partition
+        for state in full.sagas.values():
+            assert state.definition_model.canonical_json == state.definition_json
+            assert state.definition_model.name == state.saga_type
+    with a_fresh_process():
+        fast = fold_newest(raw, CODEC.decode, 0)
+        assert fast.sagas == expected.sagas and fast.definitions == on_partition
+        assert all(state.definition_model.name == state.saga_type for state in fast.sagas.values())
+
+
+@PARTITIONS
+@given(partition_logs())
+def test_a_saga_whose_definition_record_is_missing_is_rejected_and_reported(messages: list[Message]) -> None:
+    without = [(k, v) for k, v in messages if not isinstance(v, SagaDefinitionRecord)]
+    tombstoned = {k.decode() for k, v in messages if v is None}
+    sagas = {v.saga_id: v.snapshot.definition_id for _, v in messages if isinstance(v, SagaLogRecord)}
+    with a_fresh_process():
+        full = fold(without)
+        assert full.sagas == {} and full.applied == 0 and full.definitions == set()
+        assert full.rejected_count == sum(isinstance(v, SagaLogRecord) for _, v in without)
+        assert all("definition record" in reason for _, reason in full.rejected)
+        fast = fold_newest(_encoded(without), CODEC.decode, 0)
+        assert fast.sagas == {}
+        # Each saga still on the log (not tombstoned) reported once, naming its definition.
+        reported = [reason for _, reason in fast.rejected]
+        assert len(reported) == len(set(sagas) - tombstoned)
+        for saga_id in set(sagas) - tombstoned:
+            assert any(f"saga {saga_id}:" in r and sagas[saga_id] in r for r in reported), saga_id
+        record = next((v for _, v in without if isinstance(v, SagaLogRecord)), None)
+        if record is None:
+            return
+        with pytest.raises(DefinitionMissing, match=f"definition {record.snapshot.definition_id} is unknown") as missing:
+            evolve(None, record)
+        assert missing.value.definition_id == record.snapshot.definition_id
+        with pytest.raises(DefinitionMissing):
+            _ = SagaState.from_record(record).definition_model
+
+
+def test_an_inline_definition_needs_no_definition_record() -> None:
+    """A saga begun before schema version 6 carries its definition's JSON in every snapshot."""
+    _, by_reference = begin("saga-1", TWO, "{}", NOW, 1)
+    inline = by_reference.replace(definition=TWO.canonical_json, definition_id="")
+    first = record(None, SagaBegun(saga_type="two", definition_version=1)).model_copy(update={"snapshot": inline.snapshot()})
+    with a_fresh_process():
+        state = evolve(None, first)
+        assert state.definition_model == SagaDefinition.model_validate_json(TWO.canonical_json)
+        assert state.definition_json == TWO.canonical_json
+
+
+def test_definition_records_are_checked_and_tracked_per_partition() -> None:
+    _, state = begin("saga-1", TWO, "{}", NOW, 1)
+    good = definition_record(state, NOW, "m1")
+    assert (good.definition_id, good.saga_type, good.version) == (TWO.definition_id, "two", 1)
+    key = SagaDefinitionRecord.key(good.definition_id)
+    assert key == b"__definition__/" + TWO.definition_id.encode()
+    forged = good.model_copy(update={"definition": good.definition.replace('"p"', '"q"')})
+    with a_fresh_process():
+        f = PartitionFold(partition=0)
+        f.apply(key, forged, 0)
+        assert f.definitions == set() and "not the hash of its definition" in f.rejected[0][1]
+        assert registry.pinned_json(good.definition_id) is None  # a forgery pins nothing
+        f.apply(key, good, 1)
+        assert f.definitions == {TWO.definition_id} and registry.pinned_json(TWO.definition_id) == TWO.canonical_json
+        f.apply(key, None, 2)  # a tombstone (no manager writes one): the partition no longer has it
+        assert f.definitions == set()
+        assert registry.pinned_json(TWO.definition_id) == TWO.canonical_json  # content-addressed: still true

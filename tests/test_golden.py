@@ -56,13 +56,15 @@ def with_fields_added_since(state: dict[str, Any]) -> dict[str, Any]:
     """A recorded state as the current fold gives it: exactly as recorded, plus the fields added
     to the state since the logs were written, at the values an old log gives them. Schema v3
     (incidents) added the snapshot's ``incidents`` and each step's ``comp_budget_from``; v4 the
-    snapshot's ``trace_parent``."""
+    snapshot's ``trace_parent``; v6 its ``definition_id`` (empty: an old log's sagas keep the
+    definition inline, as recorded)."""
     assert "incidents" not in state, "recorded after v3: nothing to add"
     return {
         **state,
         "incidents": [],
         "steps": [{**step, "comp_budget_from": 0} for step in state["steps"]],
         "trace_parent": None,
+        "definition_id": "",
     }
 
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import RECORDS, records, saga_histories
 
 from sagalog import hotcodec
 from sagalog.codec import HEADER_LEN, Codec
 from sagalog.errors import MalformedRecord
-from sagalog.records import AVRO_ENUMS, AVRO_MODELS, TOP_LEVEL, SagaLogRecord
-from tests.strategies import records
+from sagalog.records import AVRO_ENUMS, AVRO_MODELS, TOP_LEVEL, SagaDefinitionRecord, SagaLogRecord
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -73,6 +73,23 @@ def test_a_flipped_byte_decodes_or_is_malformed(codec: Codec, record: Any, data:
     except MalformedRecord:
         return
     assert type(decoded) is type(record)
+
+
+@given(RECORDS[SagaDefinitionRecord])
+@SETTINGS
+def test_a_definition_record_is_written_and_read_as_fastavro_does(codec: Codec, record: SagaDefinitionRecord) -> None:
+    data = codec.encode(record)
+    assert data == codec.encode_with_fastavro(record)
+    assert _same(codec.decode(data), record) and _same(codec.decode_with_fastavro(data), record)
+
+
+@given(saga_histories())
+@SETTINGS
+def test_a_snapshot_by_reference_is_written_as_fastavro_writes_it(codec: Codec, history: list[SagaLogRecord]) -> None:
+    for record in history:
+        assert record.snapshot.definition == "" and record.snapshot.definition_id
+        assert codec.encode(record) == codec.encode_with_fastavro(record)
+        assert _same(codec.decode(codec.encode(record)), record)
 
 
 def test_every_top_level_record_and_nested_model_has_generated_functions() -> None:

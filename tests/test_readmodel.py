@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from strategies import a_fresh_process
 
 from sagalog.codec import Codec
 from sagalog.config import Topics
 from sagalog.definition import SagaDefinition
-from sagalog.fold import SagaState, apply, begin
+from sagalog.fold import SagaState, apply, begin, definition_record
 from sagalog.kafka import producer_config
 from sagalog.readmodel import ReadModel, SagaNotFound, SagaRemoved, murmur2, partition_for
 from sagalog.records import (
     Event,
     PartitionClaim,
+    SagaDefinitionRecord,
     SagaEnded,
     SagaLogRecord,
     SagaStatus,
@@ -341,3 +343,53 @@ def test_an_unreadable_model_file_is_rebuilt(tmp_path: Path) -> None:
     with ReadModel("host:1", Topics(prefix="saga"), state_dir=tmp_path) as model:
         assert model.count() == 0
     assert path.read_bytes().startswith(b"SQLite format 3")
+
+
+# --- definitions by reference -------------------------------------------------------------------
+
+OTHER = SagaDefinition.model_validate({"name": "other", "steps": [{"name": "x", "participant": "px"}]})
+
+
+def _on(partition: int, prefix: str, partitions: int = 4) -> str:
+    """A saga id that lands on ``partition``."""
+    return next(f"{prefix}-{i}" for i in range(10_000) if partition_for(f"{prefix}-{i}".encode(), partitions) == partition)
+
+
+def test_definitions_come_from_the_log_and_are_stored_once(log: Log, model_for) -> None:
+    """Each query process starts knowing no definition: the first catch-up learns it from the
+    partition's definition record; a later one (another process) from the file, where it is once."""
+    first, second = _on(1, "ref"), _on(1, "ref-later")
+    records, later = completed(first), running(second)  # built (and pinned) in this process
+    pinned = definition_record(SagaState.from_record(records[0]), NOW, "m1")
+    assert pinned.definition_id == DEFINITION.definition_id
+    log.raw(SagaDefinitionRecord.key(pinned.definition_id), CODEC.encode(pinned), 1)
+    log.append(records)
+    with a_fresh_process():
+        model = model_for(log.topics)
+        view = model.view(first)
+        assert (view.definition_id, view.definition_json) == (DEFINITION.definition_id, DEFINITION.canonical_json)
+        assert view.state.definition == "" and view.state.definition_id == DEFINITION.definition_id
+        assert view.state.status is SagaStatus.COMPLETED and view.definition.name == "two"
+        assert model.partition_stats()[1]["records"] == 1 + len(records) and model.partition_stats()[1]["rejected"] == 0
+        model.close()
+    log.append(later)  # no definition record of its own: the partition has it already
+    with a_fresh_process():
+        model = model_for(log.topics)
+        assert model.catch_up([1]).records == len(later)  # the definition record is not read again
+        state = model.get(second, catch_up=False)
+        assert state.status is SagaStatus.RUNNING and state.definition_model.name == "two"
+        assert model.db.execute("SELECT count(*) FROM definitions").fetchone()[0] == 1
+        assert model.states()[first].definition_json == DEFINITION.canonical_json
+
+
+def test_a_saga_whose_definition_record_is_missing_is_reported_not_shown(log: Log, model_for) -> None:
+    orphan = _on(2, "orphan")
+    first, state = begin(orphan, OTHER, "{}", NOW, 1)  # its definition record is never written
+    log.append([_record(state, first)])
+    with a_fresh_process():
+        model = model_for(log.topics)
+        with pytest.raises(SagaNotFound):
+            model.get(orphan)
+        (entry,) = model.history(orphan, catch_up=False)
+        assert entry.rejected is not None and f"definition {OTHER.definition_id} is unknown" in entry.rejected
+        assert model.partition_stats()[2]["rejected"] == 1

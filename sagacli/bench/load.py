@@ -24,7 +24,7 @@ from sagalog.config import Topics
 from sagalog.errors import DecodeError
 from sagalog.kafka import producer_config, reader_config
 from sagalog.peek import LogPeek
-from sagalog.records import CLAIM_KEY_PREFIX, PartitionClaim, SagaLogRecord
+from sagalog.records import CLAIM_KEY_PREFIX, DEFINITION_KEY_PREFIX, PartitionClaim, SagaLogRecord
 
 CLAIM_PREFIX = CLAIM_KEY_PREFIX
 
@@ -185,6 +185,9 @@ class LogTailer:
         self.records += 1
         if value is None:
             self.counts["tombstone"] += 1
+            return
+        if key is not None and key.startswith(DEFINITION_KEY_PREFIX):  # once per definition and partition
+            self.counts["SagaDefinitionRecord"] += 1
             return
         peeked = self.peek.peek(value)
         if peeked is None:

@@ -30,7 +30,7 @@ from confluent_kafka import Producer
 from sagacli.bench.cluster import delete_topics
 from sagacli.bench.common import Context, summary
 from sagacli.bench.sagas import bench_definition
-from sagacli.bench.wire import Template, saga_history
+from sagacli.bench.wire import Template, definition_message, saga_history
 from sagalog.config import Topics
 from sagalog.kafka import producer_config
 from sagalog.topics import ensure_topics
@@ -55,12 +55,17 @@ def _id(i: int) -> str:
 def _write_log(ctx: Context, topics: Topics, n: int) -> float:
     definition = bench_definition()
     placeholder = "#" * ID_WIDTH
-    final = saga_history(definition, placeholder, now_ms=int(time.time() * 1000), epoch=1, reply_topic=topics.inbox, reply_partition=0)[-1]
-    template = Template(ctx.codec.encode(final), placeholder)
+    history = saga_history(definition, placeholder, now_ms=int(time.time() * 1000), epoch=1, reply_topic=topics.inbox, reply_partition=0)
+    template = Template(ctx.codec.encode(history[-1]), placeholder)
     producer = Producer(
         producer_config(ctx.bootstrap, overrides={"linger.ms": 20, "queue.buffering.max.messages": 2_000_000, "queue.buffering.max.kbytes": 2_097_151})
     )
     started = time.perf_counter()
+    # The sagas pin their definition by reference: its record goes on every partition first, as
+    # the managers would have written it.
+    definition_key, definition_value = definition_message(ctx.codec, history)
+    for p in range(ctx.config.partitions):
+        producer.produce(topics.log, value=definition_value, key=definition_key, partition=p)
     for i in range(n):
         key = _id(i).encode()
         value = template.render(key)

@@ -26,7 +26,7 @@ from manager.runtime import Manager, ManagerSettings
 from sagacli.bench.cluster import delete_topics
 from sagacli.bench.common import Context
 from sagacli.bench.sagas import BENCH_DEFINITIONS, bench_definition
-from sagacli.bench.wire import Template, saga_history
+from sagacli.bench.wire import Template, definition_message, saga_history
 from sagalog.config import Topics
 from sagalog.definition import DefinitionSet
 from sagalog.errors import DecodeError
@@ -52,7 +52,7 @@ def synthesize(ctx: Context, topics: Topics, records: int, live_share: float) ->
     sagas = max(1, int(records / per_saga))
     every = max(1, round(1 / live_share)) if live_share > 0 else 0
     claim = ctx.codec.encode(PartitionClaim(partition=PARTITION, epoch=1, owner="bench-previous-owner", timestamp_ms=now))
-    out: list[tuple[bytes, bytes]] = [(PartitionClaim.key(PARTITION), claim)]
+    out: list[tuple[bytes, bytes]] = [(PartitionClaim.key(PARTITION), claim), definition_message(ctx.codec, history)]
     live = 0
     window = 200  # sagas in flight together: their records interleave
     for first in range(0, sagas, window):

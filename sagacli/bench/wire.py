@@ -7,7 +7,8 @@ system it measures (2 cores, shared with the broker, managers and participants).
   to read the front of a ``SagaLogRecord`` instead of decoding its snapshot) against the codec.
 * :class:`Template` turns one encoded record into many by swapping a fixed-length saga id.
 * :func:`saga_history` builds the real records of a 3-step saga with ``manager.decide``, so the
-  synthetic logs of the replay and query benchmarks are exactly what a manager would write.
+  synthetic logs of the replay and query benchmarks are exactly what a manager would write; and
+  :func:`definition_message` the definition record a manager writes on a partition before them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 from manager import decide
 from sagalog.codec import MAGIC, Codec, schemas_dir
 from sagalog.definition import SagaDefinition
+from sagalog.fold import SagaState, definition_record
 from sagalog.hotcodec import varint
 from sagalog.peek import LogPeek, Peeked
 from sagalog.records import (
@@ -24,6 +26,7 @@ from sagalog.records import (
     ParticipantCommand,
     ParticipantReply,
     ReplyOutcome,
+    SagaDefinitionRecord,
     SagaLogRecord,
     StartSaga,
 )
@@ -113,6 +116,13 @@ def saga_history(
         pending.extend(decision.commands)
     assert decision.state is not None and decision.state.status.terminal, "the synthetic saga did not finish"
     return records
+
+
+def definition_message(codec: Codec, records: list[SagaLogRecord], writer: str = "bench-synthetic") -> tuple[bytes, bytes]:
+    """(key, value) of the definition record the sagas of ``records`` (from :func:`saga_history`)
+    pin: a manager writes it on a partition before the first of them, and readers need it there."""
+    pinned = definition_record(SagaState.from_record(records[0]), records[0].timestamp_ms, writer)
+    return SagaDefinitionRecord.key(pinned.definition_id), codec.encode(pinned)
 
 
 def _success(command: ParticipantCommand) -> ParticipantReply:

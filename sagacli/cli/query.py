@@ -487,6 +487,7 @@ def _view_json(view: SagaView) -> dict[str, Any]:
         "saga_id": state["saga_id"],
         "saga_type": state["saga_type"],
         "definition_version": view.definition_data["version"],
+        "definition_id": view.definition_id,
         "status": state["status"],
         "reason": state.get("reason"),
         "incidents": [_incident_json(state["saga_id"], incident) for incident in state.get("incidents", ())],
@@ -600,6 +601,7 @@ def _print_view(view: SagaView) -> None:
     lines.append(f"  {timing} ({'took' if state['status'] in _TERMINAL else 'running for'} {took})")
     owner = f", owner {view.claim.owner} (epoch {view.claim.epoch})" if view.claim else ", no owner claimed yet"
     lines.append(f"  log partition {view.partition}{owner}")
+    lines.append(f"  definition {view.definition_id} ({state['saga_type']} v{view.definition_data['version']}, pinned at start)")
     if state.get("reason"):
         lines.append(f"  reason: {state['reason']}")
     incidents = state.get("incidents", ())

@@ -24,7 +24,9 @@ Scenarios (one log each):
   ``writer`` field, ``schemas/history/saga_log_record.v1.avsc``); a step times out and is
   retried; manager B (schema v2) claims the partition with epoch 2; a record that the paused
   manager A writes after the claim is a zombie's and is rejected; B retries a timed-out step
-  and the saga completes.
+  and the saga completes. (Begun by a v1 writer, the saga keeps its definition inline to its
+  end; sagas of the other scenarios pin theirs by reference, after a definition record, when
+  written by today's code.)
 * ``dag_abort``: a DAG: ``budget`` and a non-compensable ``audit`` first, then ``flight``,
   ``hotel`` and ``car`` in parallel, ``confirm`` last. ``hotel`` fails while ``car`` is in
   flight: ``flight`` and ``car`` are compensated in parallel, then ``budget``; ``audit`` stays
@@ -46,13 +48,14 @@ import fastavro
 
 from sagalog.codec import MAGIC, Codec, schema_fingerprint, schemas_dir
 from sagalog.definition import RetryPolicy, SagaDefinition, StepDefinition
-from sagalog.fold import PartitionFold, SagaState, apply, begin
+from sagalog.fold import PartitionFold, SagaState, apply, begin, definition_record
 from sagalog.records import (
     CompensationBegun,
     CompensationEnded,
     PartitionClaim,
     SagaAborted,
     SagaAborting,
+    SagaDefinitionRecord,
     SagaEnded,
     SagaLogRecord,
     StepBegun,
@@ -70,6 +73,7 @@ def encode_v1(record: SagaLogRecord) -> bytes:
     raw = json.loads((schemas_dir() / "history" / "saga_log_record.v1.avsc").read_text())
     datum = record.model_dump()
     assert datum.pop("writer") is None
+    assert datum["snapshot"].pop("definition_id") == "", "a v1 writer pins its definition inline"
     datum["event"] = (record.event.AVRO_NAME, datum["event"])
     out = io.BytesIO()
     out.write(MAGIC + schema_fingerprint(raw))
@@ -116,6 +120,13 @@ class Saga:
         event, self.state = begin(
             saga_id, definition, json.dumps(payload, ensure_ascii=False), log.tick(1), epoch
         )
+        if v1:  # begun before schema version 6: the definition inline, for the saga's whole life
+            self.state = self.state.replace(definition=definition.canonical_json, definition_id="")
+        pinned = self.state.definition_id
+        if pinned and SagaDefinitionRecord.key(pinned) not in {k for k, _ in log.messages}:
+            # Written as a manager does: once per partition, before the first saga pinning it.
+            record = definition_record(self.state, log.now, writer)
+            log.messages.append((SagaDefinitionRecord.key(pinned), CODEC.encode(record)))
         self._write(event, self.state)
 
     def _write(self, event: Any, state: SagaState) -> None:
