@@ -14,7 +14,7 @@ import threading
 
 from harness import ScriptedParticipant, start_sagas, wait_terminal
 
-from manager.runtime import Manager, ManagerSettings, Outbox
+from manager.runtime import Manager, ManagerSettings
 from sagalog.definition import DefinitionSet, SagaDefinition
 from sagalog.errors import BrokerError
 from sagalog.reader import fold_log, scan
@@ -31,13 +31,10 @@ def test_a_transaction_aborted_after_its_commands_were_flushed_is_harmless(boots
     real_write = manager._write
     aborted: list[int] = []
 
-    def flush_then_abort_once(p, owned, metadata):  # type: ignore[no-untyped-def]
-        out = owned.outbox
+    def flush_then_abort_once(p, producer, out, metadata):  # type: ignore[no-untyped-def]
         # The transaction that ends step a and sends step b's command: abort it once, after flushing.
         if aborted or not any(topic == topics.commands("pb") for topic, _, _ in out.commands):
-            return real_write(p, owned, metadata)
-        owned.outbox = Outbox()
-        producer = owned.producer
+            return real_write(p, producer, out, metadata)
         producer.begin_transaction()
         for key, value in out.log:
             producer.produce(topics.log, value=value, key=key, partition=p)
