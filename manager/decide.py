@@ -359,6 +359,27 @@ def next_wakeup_ms(state: SagaState, now_ms: int) -> int | None:
     return min(times) if times else None
 
 
+def resent_deadline_ms(state: SagaState, now_ms: int) -> int | None:
+    """After a takeover re-sent a saga's in-flight commands (same attempt): the time before which
+    none of its deadlines may fire, or None if every deadline is later anyway.
+
+    A re-sent command gets the step's full timeout again: a deadline that passed while nobody
+    owned the partition would otherwise fire as soon as the new owner has read the inbox, before
+    the participant could answer. It may not even have seen the command yet: another partition's
+    transaction, left open by a dead manager, holds read_committed readers of a command topic
+    back until that partition's new owner fences it."""
+    definition = state.definition_model
+    until = None
+    for step in state.steps:
+        if step.dispatch_at_ms > now_ms or state.incident(step.name) is not None:
+            continue
+        if step.status is T.RUNNING or step.status is T.COMPENSATING:
+            fresh = now_ms + int(definition.by_name[step.name].timeout_s * 1000)
+            if step.deadline_ms < fresh:
+                until = max(until or 0, fresh)
+    return until
+
+
 # --- the rules ------------------------------------------------------------------------------
 
 

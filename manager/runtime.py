@@ -175,6 +175,9 @@ class Owned:
     #: one carries decisions taken on the assumption that this one's records are on the log, so
     #: it starts only once this one has committed (and never, if it failed).
     writing: Future[BrokerError | None] | None = None
+    #: Sagas whose commands the takeover re-sent: no deadline of theirs fires before this time
+    #: (ms; :func:`manager.decide.resent_deadline_ms`).
+    resent_until: dict[str, int] = field(default_factory=dict)
     #: Ids of the definition records on this log partition: from the replay, then our own writes
     #: (dropped with the rest of this state if a transaction fails, so never ahead of the log).
     definitions: set[str] = field(default_factory=set)
@@ -572,6 +575,10 @@ class Manager:
             if not state.status.terminal:
                 owned.live[saga_id] = state
                 self._after_decision(owned, state, [], now)  # re-sends outstanding commands, arms timers
+                until = decide.resent_deadline_ms(state, now)
+                if until is not None:
+                    owned.resent_until[saga_id] = until
+                    heapq.heappush(owned.timers, (until, saga_id))
         owned.catch_up_by = now + self.settings.takeover_catch_up_max_ms
         self.owned[p] = owned
         self._commit(p, owned)
@@ -756,6 +763,11 @@ class Manager:
             state = owned.live.get(saga_id)
             if state is None:
                 continue
+            until = owned.resent_until.get(saga_id)
+            if until is not None:
+                if until > now:
+                    continue  # its commands were re-sent at takeover: the timer at `until` decides
+                del owned.resent_until[saga_id]
             try:
                 decision = decide.on_time(state, self._ctx(owned, now))
             except FoldError as err:
@@ -801,6 +813,7 @@ class Manager:
         if state.status.terminal:
             owned.live.pop(saga_id, None)
             owned.sent.pop(saga_id, None)
+            owned.resent_until.pop(saga_id, None)
             owned.parked.discard(saga_id)
             owned.finished[saga_id] = state.updated_ms
             self.stats["completed" if state.status.value == "COMPLETED" else "aborted"] += 1

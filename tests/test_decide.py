@@ -31,6 +31,7 @@ from manager.decide import (
     on_start,
     on_time,
     outstanding_commands,
+    resent_deadline_ms,
 )
 from sagalog.codec import Codec
 from sagalog.definition import RetryPolicy, SagaDefinition, StepDefinition
@@ -1581,3 +1582,21 @@ def test_random_inputs_keep_the_saga_legal_and_it_ends_when_participants_succeed
                 assert s.comp_attempt == 0
             elif spec.compensable:
                 assert s.status is T.COMPENSATED, (s.name, s.status)
+
+
+def test_a_takeover_gives_each_re_sent_command_its_full_timeout_again() -> None:
+    """A deadline that passed while nobody owned the partition must not fire before the
+    participant could answer the command the takeover re-sent (regression: all in-flight sagas
+    of a partition timed out and aborted right after a kill-all restart)."""
+    definition = SagaDefinition(name="one", steps=(step("x", retry=RetryPolicy(attempts=1), timeout_s=5.0), step("y")))
+    run = Run(definition)
+    run.start()
+    state = run.state
+    assert state is not None and state.step("x").deadline_ms == T0 + 5000
+    takeover = T0 + 11_000  # the owner died; its successor claims the partition 11 s later
+    assert resent_deadline_ms(state, takeover) == takeover + 5000
+    assert resent_deadline_ms(state, T0 + 100) == T0 + 100 + 5000  # a fresh timeout, even if the deadline has not passed
+    assert resent_deadline_ms(state, T0 - 1) is None  # not dispatched yet (a delayed retry): nothing was re-sent
+    run.reply("x")
+    run.reply("y")
+    assert run.state is not None and resent_deadline_ms(run.state, takeover) is None  # ended: nothing in flight
