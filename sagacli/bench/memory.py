@@ -39,9 +39,12 @@ def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config
     path = ctx.work / "bench-hold.yaml"
     path.write_text(HOLD_DEFINITION)
-    with Rig(ctx, "memory", managers=1, participants=0, definitions=path, participant_names=("bench-void",)) as rig:
+    warm = cfg.memory_warmup
+    # Every saga is held live on purpose: admission control must not hold any back (its default
+    # of 1,000 live sagas per partition is below the measured count).
+    manager_args = ("--max-live-sagas", str(warm + cfg.memory_sagas))
+    with Rig(ctx, "memory", managers=1, participants=0, definitions=path, participant_names=("bench-void",), manager_args=manager_args) as rig:
         manager = rig.deployment.managers[0]
-        warm = cfg.memory_warmup
         _hold(rig, saga_ids("hold-w", warm), warm, "warm-up")
         before = _stable_rss(rig, manager)
         n = cfg.memory_sagas
